@@ -1,0 +1,38 @@
+"""fxrewrite: declarative graph rewriting over torch.fx, with provenance.
+
+Trace a model, rewrite its graph with rules (YAML or Python), re-bind the
+result's parameters to the originals by provenance, verify, and draw.
+
+>>> import torch, fxrewrite
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Identity())
+>>> gm = fxrewrite.trace(model, torch.zeros(1, 4))
+>>> rules = fxrewrite.load_rules('''
+... rules:
+...   - {name: no-identity, pattern: {module_class: Identity}, action: collapse}
+... ''')
+>>> result = fxrewrite.rewrite(gm, rules)
+>>> fxrewrite.verify(model, result.module, torch.randn(2, 4)).equal
+True
+"""
+from .errors import FxRewriteError, RebindError, RewriteError, RuleFileError, RuleProblem, VerifyError
+from .tracing import LeafPolicy, TraceReport, trace
+from .shapes import propagate_shapes, shape_of
+from .pattern import Count, Match, Pattern
+from .rules import Check, Rule, RuleSet
+from .registry import Param, register_action, register_check, register_module_class
+from .engine import RewriteContext, RewriteResult, RuleLog, rewrite
+from . import actions as _actions, checks as _checks  # noqa: F401  (register the built-ins)
+from .rule_file import load_rules
+from .rebind import Rebound, bind_tensors, rebind
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "LeafPolicy", "TraceReport", "propagate_shapes", "shape_of",
+    "Pattern", "Count", "Match", "Rule", "Check", "RuleSet", "load_rules",
+    "register_action", "register_check", "register_module_class", "Param",
+    "rewrite", "RewriteResult", "RewriteContext", "RuleLog",
+    "rebind", "bind_tensors", "Rebound", "verify", "VerifyReport",
+    "FxRewriteError", "RuleFileError", "RuleProblem", "RewriteError", "RebindError", "VerifyError",
+]

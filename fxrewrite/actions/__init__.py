@@ -1,0 +1,8 @@
+"""Built-in actions. Importing this package registers them (see :mod:`fxrewrite.registry`).
+
+* ``prune_unreachable``: keep only what the selected outputs need;
+* ``collapse``: a pass-through node is replaced by one of its inputs;
+* ``replace``: the matched module becomes another class, on a subset of its inputs;
+* ``remove``: delete the matched node (and, with ``cascade``, whatever uses it).
+"""
+from . import collapse, prune, remove, replace  # noqa: F401  (registration)

@@ -1,0 +1,157 @@
+"""``replace``: swap the matched module for another class, on a subset of its inputs.
+
+Arguments:
+
+* ``with``: the new module's class, by registered name (``DDetect``, ``nn.ReLU``);
+* ``inputs``: which inputs the new module keeps, in argument order: a list of
+  indices, a slice string (``"3:"``, ``":-1"``), or ``{groups: G, keep: K}``
+  (split the inputs into G equal groups and keep group K, 0-based);
+* ``init``: constructor keyword arguments; values may refer to the matched
+  module's attributes (``$head.nc``) or to the kept inputs
+  (``$kept_inputs.channels``: their dimension 1, from shape propagation;
+  ``$kept_inputs.shapes``; ``$kept_inputs.count``);
+* ``params``: parameter-name prefixes, old -> new (``{cv4: cv2}``): the new
+  module's tensor ``cv2.0.weight`` *is* the old ``cv4.0.weight`` (shared, shape
+  checked); a name no prefix maps keeps its own name;
+* ``copy_attrs``: attributes copied from the old module (``[stride]``);
+* ``strict`` (default true): every tensor of the new module must have a source.
+
+Old tensors the new module does not take are listed in the rule log as dropped.
+
+>>> import torch, fxrewrite
+>>> from fxrewrite import Rule, Pattern
+>>> gm = fxrewrite.trace(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), torch.zeros(1, 3))
+>>> rule = Rule("relu-to-gelu", "replace", Pattern(module_class="ReLU"), args={"with": "nn.GELU"})
+>>> result = fxrewrite.rewrite(gm, [rule])
+>>> type(result.module.get_submodule("1")).__name__, result.node_status["_1"]
+('GELU', 'replaced')
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import fx, nn
+
+from .. import registry
+from ..engine import RewriteContext
+from ..errors import RewriteError
+from ..pattern import Match, input_nodes
+from ..provenance import derive
+from ..registry import Param, register_action
+from ..shapes import shape_of, shape_tree
+from ..tensors import bind_tensor, named_tensors
+
+
+@register_action("replace", params={
+    "with": Param((str,), required=True, doc="registered class name of the new module"),
+    "node": Param((str,), doc="capture of the node to replace (default: the pattern's root)"),
+    "inputs": Param((list, str, dict), doc="inputs to keep: indices, a slice string, or {groups, keep}"),
+    "init": Param((dict,), doc="constructor keyword arguments ($capture.attr, $kept_inputs.channels ...)"),
+    "params": Param((dict,), doc="tensor-name prefixes, old -> new"),
+    "copy_attrs": Param((list,), doc="attributes copied from the old module"),
+    "strict": Param((bool,), default=True, doc="every tensor of the new module must have a source"),
+}, doc="Swap the matched module for another class, keeping chosen inputs and re-binding tensors by name.")
+def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: Any = None,
+            init: dict | None = None, params: dict | None = None, copy_attrs: list | None = None,
+            strict: bool = True, **kwargs: Any) -> None:
+    rule = ctx.rule.name
+    target = ctx.resolve(node, match)
+    old = ctx.module(target)
+    cls = registry.module_class(kwargs["with"])
+    all_inputs = input_nodes(target)
+    kept = select_inputs(all_inputs, inputs, rule)
+    kept_info = {"channels": [_channels(n, rule) for n in kept] if "$kept_inputs.channels" in repr(init) else None,
+                 "shapes": [shape_tree(n) for n in kept], "count": len(kept)}
+    ctor_args = ctx.resolve(init or {}, match, {"kept_inputs": kept_info})
+    try:
+        new = cls(**ctor_args)
+    except Exception as exc:
+        raise RewriteError(rule, f"cannot build {cls.__name__}({_show(ctor_args)}): {exc}") from None
+    new.train(old.training)
+    sources = _bind(new, old, params or {}, strict, rule)
+    taken = set(sources.values())
+    ctx.log.dropped += [ctx.param_origin.get(f"{target.target}.{name}") or f"{target.target}.{name}"
+                        for name, _ in named_tensors(old) if name not in taken]
+    for attr in copy_attrs or ():
+        if not hasattr(old, attr):
+            raise RewriteError(rule, f"cannot copy attribute {attr!r}: {type(old).__name__} has none")
+        setattr(new, attr, getattr(old, attr))
+    target.args, target.kwargs = _rebuild_args(target, kept, rule), {}
+    ctx.install_module(target, new, sources)
+    derive(target, target, rule, module_class=cls.__name__)
+
+
+def select_inputs(inputs: list[fx.Node], selector: Any, rule: str) -> list[fx.Node]:
+    """The inputs a selector keeps (see the module docstring for the selector forms)."""
+    n = len(inputs)
+    if selector is None:
+        return list(inputs)
+    if isinstance(selector, list):
+        bad = [i for i in selector if not isinstance(i, int) or not -n <= i < n]
+        if bad:
+            raise RewriteError(rule, f"input indices {bad} out of range for a node with {n} inputs")
+        return [inputs[i] for i in selector]
+    if isinstance(selector, str):
+        m = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", selector)
+        if not m:
+            raise RewriteError(rule, f"bad input slice {selector!r}; expected 'start:stop'")
+        start, stop = (int(g) if g else None for g in m.groups())
+        return inputs[start:stop]
+    groups, keep = selector.get("groups"), selector.get("keep")
+    if not isinstance(groups, int) or groups <= 0 or n % groups or not isinstance(keep, int) or not 0 <= keep < groups:
+        raise RewriteError(rule, f"cannot split {n} inputs into {groups} equal groups and keep group {keep}")
+    size = n // groups
+    return inputs[keep * size:(keep + 1) * size]
+
+
+def _channels(node: fx.Node, rule: str) -> int:
+    shape = shape_of(node)
+    if shape is None or len(shape) < 2:
+        raise RewriteError(rule, f"$kept_inputs.channels needs propagated shapes: input {node.name} has "
+                                 f"{'none' if shape is None else shape}; trace with example inputs")
+    return shape[1]
+
+
+def _bind(new: nn.Module, old: nn.Module, prefixes: dict, strict: bool, rule: str) -> dict:
+    """Share old tensors into ``new`` by renamed prefix; return new local name -> old local name (or None)."""
+    old_tensors = dict(named_tensors(old))
+    renames = sorted(((str(o), str(n)) for o, n in prefixes.items()), key=lambda p: -len(p[1]))
+    sources: dict[str, str | None] = {}
+    for name, tensor in named_tensors(new):
+        source = _source_name(name, renames)
+        if source in old_tensors:
+            if old_tensors[source].shape != tensor.shape:
+                raise RewriteError(rule, f"shape mismatch re-binding {type(new).__name__}.{name} "
+                                         f"{tuple(tensor.shape)} <- {type(old).__name__}.{source} "
+                                         f"{tuple(old_tensors[source].shape)}")
+            bind_tensor(new, name, old_tensors[source])
+            sources[name] = source
+        elif strict:
+            raise RewriteError(rule, f"{type(new).__name__}.{name} has no source: {type(old).__name__} has no "
+                                     f"tensor {source} (map it with params:, or set strict: false)")
+        else:
+            sources[name] = None
+    return sources
+
+
+def _source_name(name: str, renames: list[tuple[str, str]]) -> str:
+    for old_prefix, new_prefix in renames:
+        if name == new_prefix or name.startswith(new_prefix + "."):
+            return old_prefix + name[len(new_prefix):]
+    return name
+
+
+def _rebuild_args(node: fx.Node, kept: list[fx.Node], rule: str) -> tuple:
+    args = node.args
+    if len(args) == 1 and not node.kwargs and isinstance(args[0], (list, tuple)) and \
+            all(isinstance(a, fx.Node) for a in args[0]):
+        return (type(args[0])(kept),)
+    if not node.kwargs and all(isinstance(a, fx.Node) for a in args):
+        return tuple(kept)
+    raise RewriteError(rule, f"cannot choose inputs of {node.name}: its arguments are neither one list of "
+                             f"values nor only values ({fx.node.map_arg(args, lambda n: n.name)!r})")
+
+
+def _show(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

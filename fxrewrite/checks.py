@@ -1,0 +1,74 @@
+"""Built-in checks. A check runs after a pattern matched and may reject the match with a reason.
+
+In a rule file, ``checks:`` is a list of one-key mappings, ``{check_name: arguments}``
+(a list for positional arguments, a mapping for keyword arguments, or one value):
+
+.. code-block:: yaml
+
+    checks:
+      - same_shape: [$identity, $x]      # a pass-through: output shape equals input shape
+      - max_users: {node: $x, count: 1}
+
+A rejected match is recorded in the rule's log with the check's reason and the
+node is left alone.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from .pattern import input_nodes
+from .registry import register_check
+from .shapes import shape_tree
+
+
+@register_check("same_shape")
+def same_shape(ctx, match, a: fx.Node, b: fx.Node) -> str | None:
+    """The two nodes' propagated output shapes are equal (needs a trace with example inputs)."""
+    sa, sb = shape_tree(a), shape_tree(b)
+    if sa is None or sb is None:
+        missing = a.name if sa is None else b.name
+        return f"no shape recorded for {missing}; trace with example inputs"
+    if sa != sb:
+        return f"{a.name} has shape {sa} but {b.name} has shape {sb}"
+    return None
+
+
+@register_check("passthrough")
+def passthrough(ctx, match, node: fx.Node | None = None) -> str | None:
+    """The node has one input and (when shapes are known) the same output shape as it."""
+    node = node or match.root
+    inputs = input_nodes(node)
+    if len(inputs) != 1:
+        return f"{node.name} has {len(inputs)} inputs, not 1"
+    si, so = shape_tree(inputs[0]), shape_tree(node)
+    if si is not None and so is not None and si != so:
+        return f"{node.name} changes the shape {si} -> {so}"
+    return None
+
+
+@register_check("max_users")
+def max_users(ctx, match, node: fx.Node | None = None, count: int = 1) -> str | None:
+    """The node's value is used by at most ``count`` nodes."""
+    node = node or match.root
+    if len(node.users) > count:
+        return f"{node.name} is used by {len(node.users)} nodes ({', '.join(u.name for u in node.users)}), more than {count}"
+    return None
+
+
+@register_check("not_output")
+def not_output(ctx, match, node: fx.Node | None = None) -> str | None:
+    """The node does not feed the graph's output directly."""
+    node = node or match.root
+    if any(u.op == "output" for u in node.users):
+        return f"{node.name} is an output of the model"
+    return None
+
+
+@register_check("attr_equals")
+def attr_equals(ctx, match, node: fx.Node, name: str, value) -> str | None:
+    """The node's module has attribute ``name`` equal to ``value``."""
+    module = ctx.modules.get(node.target) if node.op == "call_module" else None
+    actual = getattr(module, name, "<missing>")
+    if actual != value and not (isinstance(actual, (list, tuple)) and list(actual) == value):
+        return f"{node.name}.{name} is {actual!r}, not {value!r}"
+    return None

@@ -1,0 +1,88 @@
+"""The ``fxrewrite`` command line.
+
+Core commands live here (``demo``, ``rules``); plug-ins add theirs (the YOLOv9
+plug-in adds ``convert``) through a ``register_cli(subparsers)`` function.
+Errors fxrewrite knows about print one line to stderr and exit with status 1
+(2 for usage errors); nothing is left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import registry
+from .errors import FxRewriteError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FxRewriteError, OSError, ValueError, LookupError) as exc:
+        print(f"fxrewrite: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fxrewrite: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxrewrite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the engine on the built-in example model with an auxiliary branch")
+    demo.set_defaults(func=_demo)
+
+    rules = sub.add_parser("rules", help="check a rule file, or list actions, checks and shipped rule sets")
+    rules.add_argument("files", nargs="*", help="rule files (or shipped names such as yolov9) to check")
+    rules.set_defaults(func=_rules)
+
+    for name in registry.plugin_names():
+        plugin = registry.load_plugin(name)
+        if hasattr(plugin, "register_cli"):
+            plugin.register_cli(sub)
+    return parser
+
+
+def _demo(args) -> int:
+    import torch
+
+    from . import load_rules, rewrite, trace, verify
+    from .examples import DEMO_RULES, aux_branch_model
+
+    model = aux_branch_model()
+    example = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, example)
+    result = rewrite(gm, load_rules(DEMO_RULES, name="<demo rules>"))
+    report = verify(model, result.module, example, select_original=(0,))
+    before = sum(t.numel() for t in model.parameters())
+    after = sum(t.numel() for t in result.module.parameters())
+    print("fxrewrite demo: an example model with an auxiliary branch -> its main output only")
+    print(result.summary())
+    print(f"parameters: {before:,} -> {after:,}")
+    print(f"verification against the main output: {report}")
+    return 0 if report.equal else 1
+
+
+def _rules(args) -> int:
+    from . import load_rules
+    from .rule_file import shipped_rules_dir
+
+    if not args.files:
+        print("actions:", ", ".join(registry.action_names()))
+        print("checks:", ", ".join(registry.check_names()))
+        print("shipped rule sets:", ", ".join(sorted(p.stem for p in shipped_rules_dir().glob("*.yaml"))))
+        return 0
+    for file in args.files:
+        ruleset = load_rules(file)
+        print(f"{file}: {len(ruleset)} rule(s) OK: {', '.join(r.name for r in ruleset)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Patterns: declarative descriptions of a node and (optionally) its inputs.
+
+A :class:`Pattern` matches one :class:`torch.fx.Node`. Every field is optional;
+an unset field matches anything. ``inputs`` holds sub-patterns matched against
+the node's inputs in order, so a pattern can describe a small DAG (a conv feeding
+a batch norm); ``capture`` names the matched node so that checks and actions can
+refer to it as ``$name``. A capture bound twice must bind the same node.
+
+>>> import torch, fxrewrite
+>>> from fxrewrite import Pattern
+>>> gm = fxrewrite.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+>>> p = Pattern(module_class="BatchNorm2d", capture="bn",
+...             inputs=[Pattern(module_class="Conv*", num_users=1, capture="conv")])
+>>> [(m["conv"].target, m["bn"].target) for m in p.find(gm)]
+[('0', '1')]
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from torch import fx, nn
+from torch.fx.node import _get_qualified_name, map_arg
+
+OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+
+
+@dataclass(frozen=True)
+class Count:
+    """A count constraint: ``Count(min=1)``, ``Count(max=1)``, ``Count(2, 2)``."""
+
+    min: int | None = None
+    max: int | None = None
+
+    def accepts(self, n: int) -> bool:
+        return (self.min is None or n >= self.min) and (self.max is None or n <= self.max)
+
+    @classmethod
+    def of(cls, value: "int | Count | Mapping | None") -> "Count | None":
+        if value is None or isinstance(value, Count):
+            return value
+        if isinstance(value, int):
+            return cls(value, value)
+        return cls(value.get("min"), value.get("max"))
+
+
+@dataclass(frozen=True)
+class Match:
+    """A successful match: the node the pattern's root matched and every capture."""
+
+    root: fx.Node
+    captures: Mapping[str, fx.Node]
+
+    def __getitem__(self, name: str) -> fx.Node:
+        return self.captures[name]
+
+    def nodes(self) -> set[fx.Node]:
+        return {self.root, *self.captures.values()}
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs in argument order (args, then kwargs), flattening lists and tuples.
+
+    A node consuming the same value twice lists it twice; this is the order
+    ``Pattern.inputs`` and the actions' input selectors refer to.
+    """
+    found: list[fx.Node] = []
+    map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def function_names(target: Any) -> tuple[str, ...]:
+    """Names a ``call_function`` target can be matched by: qualified and short."""
+    try:
+        qualified = _get_qualified_name(target)
+    except Exception:  # a callable fx cannot name: match by its repr
+        qualified = repr(target)
+    short = getattr(target, "__name__", qualified.rpartition(".")[2])
+    return qualified, short, qualified.replace("_operator.", "operator.")
+
+
+def class_names(module: nn.Module) -> tuple[str, str]:
+    cls = type(module)
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same(actual: Any, expected: Any) -> bool:
+    """Attribute equality that treats lists and tuples alike (YAML has no tuples)."""
+    if isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
+        return len(actual) == len(expected) and all(_same(a, e) for a, e in zip(actual, expected))
+    try:
+        return bool(actual == expected)
+    except Exception:
+        return False
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A node pattern. See the module docstring; every field narrows the match.
+
+    * ``op``: one of ``placeholder, get_attr, call_function, call_method, call_module, output``;
+    * ``function``: glob over a ``call_function`` target's name (``torch.cat``, ``operator.add``, ``add``);
+    * ``method``: glob over a ``call_method`` name (``view``, ``chunk``);
+    * ``module_class``: glob over the called module's class name (or fully qualified name);
+    * ``module_name``: glob over the called module's qualified name (``model.2*``);
+    * ``attrs``: the called module's attributes must equal these values;
+    * ``num_inputs`` / ``num_users``: an exact count or a :class:`Count` range;
+    * ``inputs``: sub-patterns for the first inputs, in order (``None`` = any);
+    * ``capture``: name under which the matched node is captured.
+    """
+
+    op: str | None = None
+    function: str | None = None
+    method: str | None = None
+    module_class: str | None = None
+    module_name: str | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    num_inputs: Count | int | None = None
+    num_users: Count | int | None = None
+    inputs: tuple["Pattern | None", ...] = ()
+    capture: str | None = None
+
+    def __post_init__(self):
+        # Accept friendly values, store canonical ones.
+        object.__setattr__(self, "num_inputs", Count.of(self.num_inputs))
+        object.__setattr__(self, "num_users", Count.of(self.num_users))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "attrs", dict(self.attrs))
+        if self.op is not None and self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
+
+    # -- matching ---------------------------------------------------------
+    def match(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> Match | None:
+        """Match ``node`` (``modules``: qualified name -> module of the graph's owner)."""
+        captures: dict[str, fx.Node] = {}
+        return Match(node, captures) if self._match(node, modules, captures) else None
+
+    def find(self, gm: fx.GraphModule) -> list[Match]:
+        """All matches in ``gm``, in graph order."""
+        modules = dict(gm.named_modules())
+        return [m for m in (self.match(n, modules) for n in gm.graph.nodes) if m is not None]
+
+    def _match(self, node: fx.Node, modules: Mapping[str, nn.Module], captures: dict[str, fx.Node]) -> bool:
+        if not self._match_self(node, modules):
+            return False
+        if self.inputs:
+            inputs = input_nodes(node)
+            if len(inputs) < len(self.inputs):
+                return False
+            for sub, inp in zip(self.inputs, inputs):
+                if sub is not None and not sub._match(inp, modules, captures):
+                    return False
+        if self.capture is not None:
+            bound = captures.setdefault(self.capture, node)
+            if bound is not node:
+                return False
+        return True
+
+    def _match_self(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+        if self.op is not None and node.op != self.op:
+            return False
+        if self.function is not None:
+            if node.op != "call_function" or not any(
+                fnmatch.fnmatchcase(name, self.function) for name in function_names(node.target)
+            ):
+                return False
+        if self.method is not None:
+            if node.op != "call_method" or not fnmatch.fnmatchcase(node.target, self.method):
+                return False
+        if self.module_class is not None or self.module_name is not None or self.attrs:
+            if node.op != "call_module":
+                return False
+            module = modules.get(node.target)
+            if module is None:
+                return False
+            if self.module_name is not None and not fnmatch.fnmatchcase(node.target, self.module_name):
+                return False
+            if self.module_class is not None and not any(
+                fnmatch.fnmatchcase(name, self.module_class) for name in class_names(module)
+            ):
+                return False
+            for name, expected in self.attrs.items():
+                if not _same(getattr(module, name, _MISSING), expected):
+                    return False
+        if self.num_users is not None and not self.num_users.accepts(len(node.users)):
+            return False
+        if self.num_inputs is not None and not self.num_inputs.accepts(len(input_nodes(node))):
+            return False
+        return True
+
+    # -- introspection ------------------------------------------------------
+    def captures(self) -> list[str]:
+        """Every capture name bound by this pattern or its input patterns."""
+        names = [self.capture] if self.capture else []
+        for sub in self.inputs:
+            if sub is not None:
+                names += [n for n in sub.captures() if n not in names]
+        return names
+
+    def iter_patterns(self) -> Iterator["Pattern"]:
+        yield self
+        for sub in self.inputs:
+            if sub is not None:
+                yield from sub.iter_patterns()

@@ -1,0 +1,193 @@
+"""Symbolic tracing with a leaf policy, automatic leaves and provenance.
+
+:func:`trace` is :func:`torch.fx.symbolic_trace` with three additions:
+
+* a :class:`LeafPolicy` decides which submodules stay opaque ``call_module``
+  nodes (by class name, by qualified-name glob, by depth);
+* a submodule whose ``forward`` cannot be traced symbolically (iterating over a
+  Proxy, ``len()`` of a Proxy, Python control flow on a traced value...) becomes
+  a leaf automatically instead of failing the whole trace; the partial graph it
+  had produced is rolled back and :class:`TraceReport` says which and why;
+* every node gets a :class:`~fxrewrite.provenance.Provenance`.
+
+>>> import torch, fxrewrite
+>>> class Loopy(torch.nn.Module):
+...     def forward(self, xs):
+...         return sum(x for x in xs)          # iterating a Proxy: untraceable
+>>> class Net(torch.nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.lin, self.loopy = torch.nn.Linear(2, 2), Loopy()
+...     def forward(self, x):
+...         return self.loopy(self.lin(x))
+>>> gm = fxrewrite.trace(Net())
+>>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+['lin', 'loopy']
+>>> list(gm.meta["fxrewrite.trace"].auto_leaves)
+['loopy']
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from torch import fx, nn
+
+from .provenance import META_KEY, Provenance
+from .shapes import propagate_shapes
+
+TRACE_META = "fxrewrite.trace"
+
+
+@dataclass(frozen=True)
+class LeafPolicy:
+    """Which submodules are kept as single ``call_module`` nodes.
+
+    A module is a leaf when any of these holds:
+
+    * its class name (or fully qualified class name) matches one of ``classes`` (globs);
+    * its qualified name matches one of ``names`` (globs, e.g. ``"model.*"``);
+    * ``max_depth`` is set and its qualified name has at least that many dotted parts
+      (``max_depth=1`` keeps every direct child as one node, ``max_depth=2`` every
+      grandchild: ``model.0``, ``model.1``, ...);
+    * ``torch_builtins`` is true and it is a ``torch.nn`` module other than a container
+      (the torch.fx default).
+    """
+
+    classes: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    max_depth: int | None = None
+    torch_builtins: bool = True
+
+    def is_leaf(self, module: nn.Module, qualname: str) -> bool:
+        cls = type(module)
+        full = f"{cls.__module__}.{cls.__qualname__}"
+        if any(fnmatch.fnmatchcase(cls.__name__, p) or fnmatch.fnmatchcase(full, p) for p in self.classes):
+            return True
+        if any(fnmatch.fnmatchcase(qualname, p) for p in self.names):
+            return True
+        if self.max_depth is not None and qualname and qualname.count(".") + 1 >= self.max_depth:
+            return True
+        if self.torch_builtins:
+            is_torch = cls.__module__.startswith("torch.nn") and not cls.__module__.startswith("torch.nn.modules.container")
+            return is_torch and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        return False
+
+
+@dataclass
+class TraceReport:
+    """What :func:`trace` decided: the policy it used and the modules it made leaves on its own."""
+
+    policy: LeafPolicy
+    auto_leaves: dict[str, str] = field(default_factory=dict)  # qualified name -> why it could not be traced
+
+
+class ProvenanceTracer(fx.Tracer):
+    """An fx tracer that applies a :class:`LeafPolicy` and falls back to leaves on trace errors."""
+
+    def __init__(self, policy: LeafPolicy, auto_leaf: bool = True):
+        super().__init__()
+        self.policy = policy
+        self.auto_leaf = auto_leaf
+        self.auto_leaves: dict[str, str] = {}
+        self._param_cache: dict[str, Any] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.auto_leaves or self.policy.is_leaf(m, module_qualified_name)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # Remember the cache so that a rolled-back attempt can drop proxies of erased nodes.
+        self._param_cache = parameter_proxy_cache
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if not self.auto_leaf or self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last_node = self.graph._root.prev  # the newest node before this attempt
+        stack_keys = list(self.module_stack)
+        calls = dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # any failure while tracing through: make it a leaf
+            self._roll_back(last_node, stack_keys, calls)
+            self.auto_leaves[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            return super().call_module(m, forward, args, kwargs)
+
+    def _roll_back(self, last_node: fx.Node, stack_keys: list[str], calls: dict[str, int]) -> None:
+        """Undo a failed attempt: erase its nodes, restore the module stack and call counts."""
+        created = []
+        node = self.graph._root.prev
+        while node is not last_node:
+            created.append(node)
+            node = node.prev
+        erased = set(created)
+        for node in created:  # newest first, so users go before what they use
+            self.graph.erase_node(node)
+        if self._param_cache is not None:
+            for key in [k for k, p in self._param_cache.items() if p.node in erased]:
+                del self._param_cache[key]
+        while len(self.module_stack) > len(stack_keys):
+            self.module_stack.popitem(last=True)
+        self.num_calls.clear()
+        self.num_calls.update(calls)
+
+
+def trace(
+    module: nn.Module,
+    *example_inputs: Any,
+    leaf_classes: Iterable[str] = (),
+    leaf_names: Iterable[str] = (),
+    max_depth: int | None = None,
+    torch_builtins: bool = True,
+    auto_leaf: bool = True,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace ``module`` into a :class:`torch.fx.GraphModule` with provenance on every node.
+
+    Leaves are chosen by ``leaf_classes`` (class-name globs), ``leaf_names``
+    (qualified-name globs), ``max_depth`` and ``torch_builtins`` (see
+    :class:`LeafPolicy`); with ``auto_leaf`` a submodule that cannot be traced
+    becomes a leaf (``gm.meta["fxrewrite.trace"].auto_leaves`` says why).
+
+    With ``example_inputs``, shapes are propagated and every node gets
+    ``node.meta["tensor_meta"]`` (shape, dtype); the inputs are kept in
+    ``gm.meta`` so that later rewrites can re-check shapes.
+
+    The module is traced in its current mode (``train()``/``eval()``); it is not modified.
+    """
+    policy = LeafPolicy(tuple(leaf_classes), tuple(leaf_names), max_depth, torch_builtins)
+    tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+    root_class = type(module).__name__
+    modules = dict(module.named_modules())
+    for node in gm.graph.nodes:
+        node.meta[META_KEY] = Provenance(*_owner(node, modules, root_class), origins=(node.name,))
+    gm.meta[TRACE_META] = TraceReport(policy, dict(tracer.auto_leaves))
+    if example_inputs:
+        propagate_shapes(gm, *example_inputs)
+    return gm
+
+
+def _owner(node: fx.Node, modules: dict[str, nn.Module], root_class: str) -> tuple[str, str]:
+    """(qualified name, class name) of the module a node belongs to."""
+    if node.op == "call_module":
+        return node.target, type(modules[node.target]).__name__
+    if node.op == "get_attr":
+        owner = node.target.rpartition(".")[0]
+        return owner, (type(modules[owner]).__name__ if owner else root_class)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        qualname, cls = list(stack.values())[-1]
+        return qualname, cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2]
+    return "", root_class
+
+
+def is_traced(gm: Any) -> bool:
+    """True for a GraphModule made by :func:`trace` (it carries provenance)."""
+    return isinstance(gm, fx.GraphModule) and TRACE_META in getattr(gm, "meta", {})
+
+
+__all__ = ["LeafPolicy", "TraceReport", "ProvenanceTracer", "trace", "is_traced"]
