@@ -72,3 +72,24 @@ def attr_equals(ctx, match, node: fx.Node, name: str, value) -> str | None:
     if actual != value and not (isinstance(actual, (list, tuple)) and list(actual) == value):
         return f"{node.name}.{name} is {actual!r}, not {value!r}"
     return None
+
+
+@register_check("has_submodule")
+def has_submodule(ctx, match, node: fx.Node | None = None, name: str = "", cls: str | None = None) -> str | None:
+    """The node's module has a submodule at dotted path ``name`` (of class ``cls``, a glob, when given).
+
+    Lets a rule skip what it already rewrote, e.g. a block whose BatchNorm was folded.
+    """
+    import fnmatch
+
+    node = node or match.root
+    module = ctx.modules.get(node.target) if node.op == "call_module" else None
+    if module is None:
+        return f"{node.name} does not call a module"
+    try:
+        sub = module.get_submodule(name)
+    except AttributeError:
+        return f"{node.name} ({type(module).__name__}) has no submodule {name!r}"
+    if cls is not None and not fnmatch.fnmatchcase(type(sub).__name__, cls):
+        return f"{node.name}.{name} is a {type(sub).__name__}, not {cls}"
+    return None

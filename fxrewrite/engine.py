@@ -22,12 +22,15 @@ invalid raises :class:`~fxrewrite.errors.RewriteError` and nothing is returned.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import fx, nn
+from torch.fx.node import map_arg
 
 from . import registry
 from .errors import RewriteError
@@ -37,6 +40,15 @@ from .rules import Rule, RuleSet
 from .shapes import EXAMPLE_INPUTS_META, propagate_shapes, shape_tree
 from .tensors import bind_tensor, named_tensors
 from .tracing import TRACE_META
+
+try:  # generates the module's Python code on first use (call, .code, print), not when it is built
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _ResultModule
+except ImportError:  # pragma: no cover - older torch
+    _ResultModule = fx.GraphModule
+
+# Where a tensor of a rewritten module comes from: the original tensor it is (its name), the
+# original tensors it was computed from (a tuple of names), or nothing (None, a new tensor).
+Origin = str | tuple[str, ...] | None
 
 # What happened to a node of the input graph (``node_status``); nodes created by rules are "new".
 KEPT, PRUNED, COLLAPSED, REPLACED, REMOVED, NEW = "kept", "pruned", "collapsed", "replaced", "removed", "new"
@@ -73,7 +85,10 @@ class RewriteResult:
     """The rewritten module, the per-rule log, and provenance of its nodes and tensors.
 
     ``param_map`` maps every parameter/buffer name of ``module`` to the name of the
-    original tensor it is (``None`` for a tensor a rule created without a source).
+    original tensor it is, to a tuple of the original tensors it was *computed*
+    from (a convolution with a BatchNorm folded in lists the convolution weight
+    and the BatchNorm tensors), or to ``None`` for a tensor a rule created
+    without a source.
     ``node_status`` says, for every node of ``original`` and every node a rule
     created, whether it was kept, pruned, collapsed, replaced, removed, or is new.
     """
@@ -81,7 +96,7 @@ class RewriteResult:
     module: fx.GraphModule
     original: fx.GraphModule
     log: list[RuleLog]
-    param_map: dict[str, str | None]
+    param_map: dict[str, Origin]
     node_status: dict[str, str]
 
     def nodes_with_status(self, status: str) -> list[str]:
@@ -114,7 +129,7 @@ class RewriteContext:
         self.graph, self._val_map = copy_graph(gm.graph)
         self.original_names = [n.name for n in gm.graph.nodes]
         self.modules: dict[str, Any] = {}
-        self.param_origin: dict[str, str | None] = {}
+        self.param_origin: dict[str, Origin] = {}  # current tensor name -> its origin (see RewriteResult)
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in self.modules:
                 value = _get_attr(gm, node.target)
@@ -125,6 +140,7 @@ class RewriteContext:
                     self.param_origin[node.target] = node.target
         self.status: dict[str, str] = {}
         self.changes = 0
+        self.actions_run = 0  # calls of actions: one that edited the graph without counting is validated too
         self.rule: Rule | None = None
         self.log: RuleLog | None = None
 
@@ -192,6 +208,9 @@ class RewriteContext:
         self.changes += 1
 
     def erase(self, node: fx.Node, status: str) -> None:
+        if node.users:
+            raise RewriteError(self._rule_name(), f"cannot erase {node.name}: it is still used by "
+                                                  f"{', '.join(u.name for u in node.users)}")
         self.mark(node, status)
         self.graph.erase_node(node)
 
@@ -201,15 +220,20 @@ class RewriteContext:
         node.replace_all_uses_with(by)
         self.changes += 1
 
-    def install_module(self, node: fx.Node, module: nn.Module, sources: Mapping[str, str | None]) -> None:
+    def install_module(self, node: fx.Node, module: nn.Module, sources: Mapping[str, str | tuple[str, ...] | None]) -> None:
         """Make ``node`` call ``module`` (at the same target); ``sources``: new local tensor name ->
-        old local tensor name (or None for a new tensor)."""
+        old local tensor name, a tuple of old local tensor names it was computed from (its
+        origin becomes the tuple of their origins), or None for a new tensor."""
         target = node.target
         old_origin = {k[len(target) + 1:]: v for k, v in self.param_origin.items() if k.startswith(target + ".")}
         for key in [k for k in self.param_origin if k.startswith(target + ".")]:
             del self.param_origin[key]
         for new_name, old_name in sources.items():
-            self.param_origin[f"{target}.{new_name}"] = old_origin.get(old_name) if old_name else None
+            if isinstance(old_name, tuple):
+                origin = computed_origin(old_origin.get(name) for name in old_name)
+            else:
+                origin = old_origin.get(old_name) if old_name else None
+            self.param_origin[f"{target}.{new_name}"] = origin
         if any(n is not node and n.op == "call_module" and n.target == target for n in self.graph.nodes):
             raise RewriteError(self._rule_name(), f"module {target} is called by several nodes; cannot replace it for one")
         self.modules[target] = module
@@ -221,22 +245,58 @@ class RewriteContext:
     # -- result ---------------------------------------------------------------
     def build(self, original: fx.GraphModule) -> fx.GraphModule:
         used = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
-        gm = fx.GraphModule({t: self.modules[t] for t in used}, self.graph, class_name=type(original).__name__)
+        # Lazy: validation only interprets the graph (shape propagation), and code
+        # generation is linear but costly (3-4x a dead-code pass on large graphs).
+        gm = _ResultModule({t: self.modules[t] for t in used}, self.graph, class_name=type(original).__name__)
         gm.meta.update({k: v for k, v in original.meta.items() if k in (TRACE_META, EXAMPLE_INPUTS_META)})
         return gm
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector (restoring its state after).
+
+    Copying a large graph allocates many long-lived objects; each allocation burst
+    triggers collections that traverse the whole heap, which made copying a
+    100k-node graph about twice as slow and its cost grow faster than linearly.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# What the ``Node.args`` / ``Node.kwargs`` setters call, without ``Node.__setattr__``'s overhead.
+_set_args_kwargs = getattr(fx.Node, "_update_args_kwargs", None)
+
+
 def copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
-    """A copy of ``graph`` with the same node names and metadata (output node included)."""
+    """A copy of ``graph`` with the same node names and metadata (output node included).
+
+    Equivalent to ``Graph.graph_copy`` plus the output node, but each node is created
+    without arguments and given them afterwards: ``Graph.create_node`` scans the
+    arguments of every new node with pytree (a check for raw SymInts that a copy of
+    a valid graph does not need), which made copying the dominant cost of a rewrite.
+    """
     new = fx.Graph(tracer_cls=graph._tracer_cls)
-    val_map: dict[fx.Node, fx.Node] = {}
-    copied = new.graph_copy(graph, val_map, return_output_node=True)
     new._codegen = copy.deepcopy(graph._codegen)
-    if copied is not None:
-        value, old_output = copied
-        out = new.output(value, type_expr=old_output.type)
-        out.meta = copy.copy(old_output.meta)
-        val_map[old_output] = out
+    val_map: dict[fx.Node, fx.Node] = {}
+    lookup = val_map.__getitem__
+    create = new.create_node
+    with _gc_paused():  # only live objects are created: collecting would scan the heap for nothing
+        for node in graph.nodes:
+            copied = create(node.op, node.target, None, None, node.name, node.type)
+            if node.args or node.kwargs:
+                args, kwargs = map_arg(node.args, lookup), map_arg(node.kwargs, lookup)
+                if _set_args_kwargs is not None:
+                    _set_args_kwargs(copied, args, kwargs)
+                else:  # pragma: no cover - older torch: the public setters (slower)
+                    copied.args, copied.kwargs = args, kwargs
+            copied.meta.update(node.meta)  # a shallow copy, like Graph.node_copy
+            val_map[node] = copied
     return new, val_map
 
 
@@ -263,15 +323,15 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
     for rule in rules:
         ctx.rule, ctx.log = rule, RuleLog(rule.name, rule.action)
         logs.append(ctx.log)
-        before = ctx.changes
+        before, acted = ctx.changes, ctx.actions_run
         touched_before = dict(ctx.status)
         _apply_rule(ctx, rule, rules.max_iterations)
-        if ctx.changes != before:
+        if ctx.changes != before or ctx.actions_run != acted:
             _validate(ctx, rule, gm, example, touched_before)
     ctx.rule = None
+    # Shapes on the nodes are current: the trace propagated them, and so did every
+    # validation after a rule that could change them.
     result_gm = ctx.build(gm)
-    if example is not None:
-        propagate_shapes(result_gm, *example)
     return RewriteResult(result_gm, gm, logs, _param_map(ctx, result_gm), _node_status(ctx, result_gm))
 
 
@@ -325,7 +385,7 @@ def _apply_pass(ctx: RewriteContext, rule: Rule, spec: registry.ActionSpec, seen
             ctx.log.rejected.append(Rejection(m.root.name, reason))
     if not spec.per_match:
         before = ctx.changes
-        spec.fn(ctx, accepted, **dict(rule.args))
+        _run_action(spec, rule, ctx, accepted, None)
         ctx.log.rewrites += ctx.changes != before
         return
     for m in accepted:
@@ -334,16 +394,38 @@ def _apply_pass(ctx: RewriteContext, rule: Rule, spec: registry.ActionSpec, seen
         fresh = rule.pattern.match(m.root, ctx.modules)  # earlier rewrites may have changed it
         if fresh is None or _rejection(ctx, rule, fresh) is not None:
             continue
-        spec.fn(ctx, fresh, **dict(rule.args))
+        _run_action(spec, rule, ctx, fresh, fresh.root)
         ctx.log.rewrites += 1
 
 
+def _run_action(spec: registry.ActionSpec, rule: Rule, ctx: RewriteContext, match, root: fx.Node | None) -> None:
+    """Call the action; any error but a RewriteError (a bug in a user action, fx refusing an edit)
+    becomes a RewriteError naming the rule and the node, so that nothing is half-applied silently."""
+    ctx.actions_run += 1
+    try:
+        spec.fn(ctx, match, **dict(rule.args))
+    except RewriteError:
+        raise
+    except Exception as exc:
+        where = f" on {root.name}" if root is not None else ""
+        first = str(exc).strip().splitlines()
+        raise RewriteError(rule.name, f"action {rule.action!r} failed{where}: {type(exc).__name__}"
+                                      + (f": {first[0]}" if first else "")) from exc
+
+
 def _validate(ctx: RewriteContext, rule: Rule, original: fx.GraphModule, example, touched_before) -> None:
+    if registry.action(rule.action).only_deletes:
+        # Erasing nodes (fx refuses to erase a used one) and dropping outputs cannot break
+        # the topological order, add foreign nodes or targets, or change a remaining node's
+        # shape: nothing to check (a lint is O(n), as long as a dead-code pass).
+        return
     ctx.graph.owning_module = None  # lint against ctx.modules below, not a stale probe module
     try:
         ctx.graph.lint()
     except Exception as exc:
-        raise RewriteError(rule.name, f"the rewritten graph would be invalid: {exc}") from None
+        first = str(exc).strip().splitlines()  # fx appends the whole graph: keep the one-line reason
+        reason = first[0] if first else type(exc).__name__
+        raise RewriteError(rule.name, f"the rewritten graph would be invalid: {reason}") from None
     for node in ctx.graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in ctx.modules:
             raise RewriteError(rule.name, f"node {node.name} refers to {node.target}, which does not exist")
@@ -367,7 +449,18 @@ def _validate(ctx: RewriteContext, rule: Rule, original: fx.GraphModule, example
                                           f"before this rule and {new} after it")
 
 
-def _param_map(ctx: RewriteContext, gm: fx.GraphModule) -> dict[str, str | None]:
+def computed_origin(origins) -> tuple[str, ...] | None:
+    """The origin of a tensor computed from tensors with ``origins``: their original names,
+    flattened (an origin may itself be a tuple), in order, without repeats; None if none is known."""
+    found: list[str] = []
+    for origin in origins:
+        for name in (origin if isinstance(origin, tuple) else (origin,)):
+            if name is not None and name not in found:
+                found.append(name)
+    return tuple(found) or None
+
+
+def _param_map(ctx: RewriteContext, gm: fx.GraphModule) -> dict[str, Origin]:
     result = {}
     for name, _ in named_tensors(gm):
         if name not in ctx.param_origin:
@@ -385,4 +478,5 @@ def _node_status(ctx: RewriteContext, gm: fx.GraphModule) -> dict[str, str]:
     return status
 
 
-__all__ = ["rewrite", "RewriteResult", "RewriteContext", "RuleLog", "Rejection", "copy_graph", "bind_tensor"]
+__all__ = ["rewrite", "RewriteResult", "RewriteContext", "RuleLog", "Rejection", "copy_graph", "bind_tensor",
+           "Origin", "computed_origin"]

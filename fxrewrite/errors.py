@@ -54,3 +54,20 @@ class RebindError(FxRewriteError, ValueError):
 
 class VerifyError(FxRewriteError, ValueError):
     """Outputs of the original and the rewritten model cannot be compared (structure differs)."""
+
+
+class DrawError(FxRewriteError, RuntimeError):
+    """A drawing could not be rendered (Graphviz failed on it, or the output format is unknown)."""
+
+
+class GraphvizMissing(DrawError):
+    """Graphviz's ``dot`` program is not installed (or not on ``PATH``), so nothing could be rendered.
+
+    The DOT source is still written when a file was asked for; ``dot_path`` says where
+    (the ``.dot`` file, the folder for :func:`fxrewrite.draw.write_rewrite_drawings`, or
+    ``None`` when nothing was written). The message says how to install Graphviz.
+    """
+
+    def __init__(self, message: str, dot_path=None):
+        self.dot_path = dot_path
+        super().__init__(message)

@@ -70,14 +70,46 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     return found
 
 
+_FUNCTION_NAMES: dict[Any, tuple[str, ...]] = {}
+
+
 def function_names(target: Any) -> tuple[str, ...]:
-    """Names a ``call_function`` target can be matched by: qualified and short."""
+    """Names a ``call_function`` target can be matched by: qualified and short.
+
+    Cached per target: naming a function is slow and a graph calls few distinct ones.
+    """
+    try:
+        return _FUNCTION_NAMES[target]
+    except (KeyError, TypeError):  # not seen yet, or not hashable
+        pass
     try:
         qualified = _get_qualified_name(target)
     except Exception:  # a callable fx cannot name: match by its repr
         qualified = repr(target)
     short = getattr(target, "__name__", qualified.rpartition(".")[2])
-    return qualified, short, qualified.replace("_operator.", "operator.")
+    names = qualified, short, qualified.replace("_operator.", "operator.")
+    try:
+        _FUNCTION_NAMES[target] = names
+    except TypeError:
+        pass
+    return names
+
+
+_FUNCTION_MATCHES: dict[tuple[str, Any], bool] = {}
+
+
+def function_matches(glob: str, target: Any) -> bool:
+    """Whether one of ``target``'s :func:`function_names` matches ``glob`` (cached)."""
+    try:
+        return _FUNCTION_MATCHES[glob, target]
+    except (KeyError, TypeError):
+        pass
+    found = any(fnmatch.fnmatchcase(name, glob) for name in function_names(target))
+    try:
+        _FUNCTION_MATCHES[glob, target] = found
+    except TypeError:
+        pass
+    return found
 
 
 def class_names(module: nn.Module) -> tuple[str, str]:
@@ -164,9 +196,7 @@ class Pattern:
         if self.op is not None and node.op != self.op:
             return False
         if self.function is not None:
-            if node.op != "call_function" or not any(
-                fnmatch.fnmatchcase(name, self.function) for name in function_names(node.target)
-            ):
+            if node.op != "call_function" or not function_matches(self.function, node.target):
                 return False
         if self.method is not None:
             if node.op != "call_method" or not fnmatch.fnmatchcase(node.target, self.method):

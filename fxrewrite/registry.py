@@ -84,6 +84,9 @@ class ActionSpec:
     params: dict[str, Param] | None = None
     per_match: bool = True
     doc: str = ""
+    # True for actions that only delete nodes: every remaining node computes what it did
+    # before, so shapes need not be propagated again to validate the result.
+    only_deletes: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class CheckSpec:
     doc: str = ""
 
 
-def register_action(name: str, *, params: dict[str, Param] | None = None, per_match: bool = True, doc: str = ""):
+def register_action(name: str, *, params: dict[str, Param] | None = None, per_match: bool = True, doc: str = "",
+                    only_deletes: bool = False):
     """Decorator registering a Python action under ``name`` so rule files can use it.
 
     >>> from fxrewrite import register_action
@@ -105,7 +109,7 @@ def register_action(name: str, *, params: dict[str, Param] | None = None, per_ma
     """
 
     def decorate(fn):
-        _ACTIONS[name] = ActionSpec(name, fn, params, per_match, doc or (fn.__doc__ or "").strip())
+        _ACTIONS[name] = ActionSpec(name, fn, params, per_match, doc or (fn.__doc__ or "").strip(), only_deletes)
         return fn
 
     return decorate

@@ -86,8 +86,8 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 
 def shipped_rules_dir() -> Path:
-    """The folder of rule files installed with fxrewrite (``rules/`` in the repository)."""
-    return Path(str(importlib.resources.files("fxrewrite.rules")))
+    """The folder of rule files installed with fxrewrite as ``fxrewrite.rulesets`` (``rules/`` in the repository)."""
+    return Path(str(importlib.resources.files("fxrewrite.rulesets")))
 
 
 def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
@@ -164,13 +164,12 @@ class _Compiler:
             return None
         rules = [r for r in (self.rule(item, rules_data.item_lines[i] if isinstance(rules_data, _Seq) else None)
                              for i, item in enumerate(rules_data)) if r is not None]
-        if self.problems:
-            return None
-        try:
-            return RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins))
+        try:  # also when other rules had problems: every error is reported, not only the first rule's
+            ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins))
         except RuleFileError as exc:
             self.problems += exc.problems
             return None
+        return None if self.problems else ruleset
 
     # -- rule -----------------------------------------------------------------
     def rule(self, data: Any, line: int | None) -> Rule | None:
@@ -183,9 +182,12 @@ class _Compiler:
             name = None
         before = len(self.problems)
         lines = data.key_lines
+        action_name = data.get("action")
+        spec = registry.action(action_name) if isinstance(action_name, str) else None
         for key in data:
             if key not in RULE_KEYS:
-                hint = f" (action arguments go under 'args')" if registry.action(data.get("action", "")) else ""
+                is_argument = spec is not None and (spec.params is None or key in spec.params)
+                hint = " (action arguments go under 'args')" if is_argument else ""
                 self.error(lines.get(key), name, f"unknown key {key!r}; expected {', '.join(sorted(RULE_KEYS))}{hint}")
         action = data.get("action")
         if not isinstance(action, str):
@@ -205,8 +207,10 @@ class _Compiler:
             self.error(lines.get("description"), name, "'description' must be a string")
         if len(self.problems) > before or name is None:
             return None
+        key_lines = dict(lines)
+        key_lines.update((f"args.{k}", n) for k, n in getattr(args, "key_lines", {}).items())
         return Rule(name=name, action=action, pattern=pattern, args=_plain(args), checks=tuple(checks),
-                    mode=mode, description=description, file=self.file, line=data.line, key_lines=dict(lines))
+                    mode=mode, description=description, file=self.file, line=data.line, key_lines=key_lines)
 
     def pattern(self, data: Any, rule: str | None, line: int | None) -> Pattern | None:
         if not isinstance(data, dict):
@@ -281,7 +285,8 @@ def _compile(data: Any, label: str) -> RuleSet:
     compiler = _Compiler(label)
     rules = compiler.file_(data)
     if compiler.problems or rules is None:
-        raise RuleFileError(compiler.problems or [RuleProblem(label, None, None, "no rules")])
+        problems = sorted(compiler.problems, key=lambda p: p.line or 0)  # in file order
+        raise RuleFileError(problems or [RuleProblem(label, None, None, "no rules")])
     return rules
 
 

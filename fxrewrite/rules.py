@@ -71,8 +71,9 @@ class Rule:
         if spec is None:
             report(f"unknown action {self.action!r}; known actions: {', '.join(registry.action_names())}", "action")
         else:
-            for message in _argument_problems(spec, self.args):
-                report(message, "args")
+            for key, message in _argument_problems(spec, self.args):
+                at = self.key_lines.get("args", self.key_lines.get("action"))  # a missing argument: there
+                report(message, line=self.key_lines.get(f"args.{key}", at))
             if spec.per_match and self.pattern is None:
                 report(f"action {self.action!r} rewrites matched nodes and needs a pattern", "action")
         bound = set(self.pattern.captures()) if self.pattern else set()
@@ -136,22 +137,23 @@ class RuleSet:
             raise RuleFileError(problems)
 
 
-def _argument_problems(spec: registry.ActionSpec, args: Mapping[str, Any]) -> list[str]:
+def _argument_problems(spec: registry.ActionSpec, args: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(argument name, problem) for every bad argument."""
     if spec.params is None:
         return []
     problems = []
     for key, value in args.items():
         param = spec.params.get(key)
         if param is None:
-            problems.append(f"unknown argument {key!r} for action {spec.name!r}; "
-                            f"known: {', '.join(sorted(spec.params)) or 'none'}")
+            problems.append((key, f"unknown argument {key!r} for action {spec.name!r}; "
+                                  f"known: {', '.join(sorted(spec.params)) or 'none'}"))
         elif not isinstance(value, param.types) or (isinstance(value, bool) and bool not in param.types):
             expected = " or ".join(_type_name(t) for t in param.types)
-            problems.append(f"argument {key!r} of action {spec.name!r} must be {expected}, "
-                            f"not {_type_name(type(value))} ({value!r})")
+            problems.append((key, f"argument {key!r} of action {spec.name!r} must be {expected}, "
+                                  f"not {_type_name(type(value))} ({value!r})"))
     for key, param in spec.params.items():
         if param.required and key not in args:
-            problems.append(f"action {spec.name!r} needs argument {key!r}")
+            problems.append((key, f"action {spec.name!r} needs argument {key!r}"))
     return problems
 
 

@@ -16,15 +16,63 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+
+from .errors import FxRewriteError
 
 EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
 
 
+class ShapePropagationError(FxRewriteError, RuntimeError):
+    """A node failed while running the graph on the example inputs.
+
+    ``node`` is its name; the message gives the error's type and first line, and
+    ``__cause__`` is the error itself.
+    """
+
+    def __init__(self, node: fx.Node, cause: BaseException):
+        self.node = node.name
+        first = str(cause).strip().splitlines()
+        super().__init__(f"node {node.name} failed: {type(cause).__name__}" + (f": {first[0]}" if first else ""))
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp without its failure path, which prints a traceback to stderr and raises an
+    error whose message is the failing node's whole metadata; this one raises
+    :class:`ShapePropagationError` instead. (No fake mode: fxrewrite runs real inputs.)"""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # do not append the node and a traceback to the message
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:
+            raise ShapePropagationError(n, exc) from exc
+        found = []
+
+        def extract(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                found.append(True)
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any) -> Any:
-    """Run ``gm`` on ``example_inputs`` and store ``tensor_meta`` on every node; return the output."""
+    """Run ``gm`` on ``example_inputs`` and store ``tensor_meta`` on every node; return the output.
+
+    A node that fails raises :class:`ShapePropagationError` naming it.
+    """
     with torch.no_grad():
-        out = ShapeProp(gm).propagate(*example_inputs)
+        out = _ShapeProp(gm).propagate(*example_inputs)
     gm.meta[EXAMPLE_INPUTS_META] = example_inputs
     return out
 

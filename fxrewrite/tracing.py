@@ -32,7 +32,9 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 
 from .provenance import META_KEY, Provenance
 from .shapes import propagate_shapes
@@ -86,9 +88,10 @@ class TraceReport:
 class ProvenanceTracer(fx.Tracer):
     """An fx tracer that applies a :class:`LeafPolicy` and falls back to leaves on trace errors."""
 
-    def __init__(self, policy: LeafPolicy, auto_leaf: bool = True):
+    def __init__(self, policy: LeafPolicy | None = None, auto_leaf: bool = True):
+        # Defaults: unpickling a GraphModule re-traces its code with ``tracer_cls()``.
         super().__init__()
-        self.policy = policy
+        self.policy = policy if policy is not None else LeafPolicy()
         self.auto_leaf = auto_leaf
         self.auto_leaves: dict[str, str] = {}
         self._param_cache: dict[str, Any] | None = None
@@ -160,6 +163,8 @@ def trace(
     policy = LeafPolicy(tuple(leaf_classes), tuple(leaf_names), max_depth, torch_builtins)
     tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
     graph = tracer.trace(module, concrete_args=concrete_args)
+    if concrete_args:
+        _drop_concrete_guards(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
     root_class = type(module).__name__
     modules = dict(module.named_modules())
@@ -169,6 +174,24 @@ def trace(
     if example_inputs:
         propagate_shapes(gm, *example_inputs)
     return gm
+
+
+def _drop_concrete_guards(graph: fx.Graph) -> None:
+    """Remove the ``x == value`` assertions fx adds for concrete arguments.
+
+    They check, at run time, that a flag fixed while tracing (``augment=False``)
+    is passed with that value; they are not part of the model's computation and
+    would only clutter rewrites and drawings. The placeholders stay (with their
+    defaults), so the signature is unchanged.
+    """
+    guards = {torch._assert, _assert_is_none}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in guards and not node.users:
+            checked = node.args[0] if node.args else None
+            graph.erase_node(node)
+            if isinstance(checked, fx.Node) and checked.op == "call_function" and not checked.users \
+                    and all(i.op == "placeholder" for i in checked.all_input_nodes):
+                graph.erase_node(checked)
 
 
 def _owner(node: fx.Node, modules: dict[str, nn.Module], root_class: str) -> tuple[str, str]:

@@ -3,6 +3,8 @@
 * ``prune_unreachable``: keep only what the selected outputs need;
 * ``collapse``: a pass-through node is replaced by one of its inputs;
 * ``replace``: the matched module becomes another class, on a subset of its inputs;
-* ``remove``: delete the matched node (and, with ``cascade``, whatever uses it).
+* ``remove``: delete the matched node (and, with ``cascade``, whatever uses it);
+* ``fuse_conv_bn`` / ``fold_batchnorm``: fold a BatchNorm into the convolution before it
+  (inside a block / between two graph nodes).
 """
-from . import collapse, prune, remove, replace  # noqa: F401  (registration)
+from . import collapse, fuse, prune, remove, replace  # noqa: F401  (registration)

@@ -30,7 +30,7 @@ from ..pattern import Match
 from ..registry import Param, register_action
 
 
-@register_action("prune_unreachable", per_match=False, params={
+@register_action("prune_unreachable", per_match=False, only_deletes=True, params={
     "outputs": Param((list,), doc="positions in the output structure to keep: integers or [i, j, ...] paths"),
 }, doc="Keep only the selected outputs (by position or by the rule's pattern) and what they need.")
 def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list | None = None) -> None:

@@ -13,7 +13,7 @@ from ..pattern import Match
 from ..registry import Param, register_action
 
 
-@register_action("remove", params={
+@register_action("remove", only_deletes=True, params={
     "node": Param((str,), doc="capture of the node to remove (default: the pattern's root)"),
     "cascade": Param((bool,), default=False, doc="also remove every node computed from it"),
 }, doc="Delete the node; with cascade, its transitive users too (outputs that used them are dropped).")

@@ -1,0 +1,77 @@
+"""Converting a yolov9-e training checkpoint end to end: fxrewrite vs the official notebook's method.
+
+Both sides read the same checkpoint with the same safe loader and write with the same
+saver; in between, fxrewrite traces, rewrites and re-binds tensors by provenance
+(sharing them with the loaded model), while the baseline does what
+tools/reparameterization.ipynb does: build gelan-e from its config (allocating and
+initialising a second model), copy every tensor by hard-coded index offsets, and save.
+
+Run: ``python -m pytest benchmarks/test_bench_convert.py --benchmark-only``
+(target: fxrewrite at most 0.7x the baseline's time).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxrewrite.yolov9 import DetectionModel, convert
+from fxrewrite.yolov9.checkpoint import _fp16_copy, _pickle_module, _torch_default_globals, load_checkpoint, save_checkpoint
+from fxrewrite.yolov9.classes import allowed_globals, official_aliases
+
+
+@pytest.fixture(scope="module")
+def yolov9_e_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DetectionModel("yolov9-e")
+    official_names = {cls: name for name, cls in official_aliases().items()}
+    loadable = set(allowed_globals()) | _torch_default_globals() | set(official_names.values())
+    path = tmp_path_factory.mktemp("bench") / "yolov9-e-train.pt"
+    data = {"model": None, "ema": _fp16_copy(model, official_names), "optimizer": None, "epoch": 499,
+            "updates": 1000, "best_fitness": None, "opt": {}, "git": None, "date": "2026-11-27"}
+    with open(path, "wb") as f:
+        torch.save(data, f, pickle_module=_pickle_module(official_names, loadable))
+    return path
+
+
+def fxrewrite_pipeline(src, out):
+    loaded = load_checkpoint(src, dtype=None)  # keep fp16: no conversion needed without --verify
+    conversion = convert(loaded.model)
+    save_checkpoint(conversion.model, out, force=True)
+
+
+def notebook_pipeline(src, out):
+    loaded = load_checkpoint(src, dtype=None)
+    train = loaded.model.state_dict()
+    gelan = DetectionModel("gelan-e", nc=loaded.model.yaml["nc"])
+    state = gelan.state_dict()
+    for name in state:  # the notebook's hard-coded yolov9-e offsets
+        _, index, rest = name.split(".", 2)
+        index = int(index)
+        if index == 42:
+            first, _, tail = rest.partition(".")
+            rest = {"cv2": "cv4", "cv3": "cv5", "dfl": "dfl2"}.get(first, first) + "." + tail
+            source = f"model.49.{rest}"
+        else:
+            source = f"model.{index + 7 if index >= 29 else index}.{rest}"
+        state[name] = train[source]
+    gelan.load_state_dict(state)
+    gelan.names = loaded.model.names
+    save_checkpoint(gelan, out, force=True)
+
+
+@pytest.mark.benchmark(group="convert yolov9-e checkpoint")
+def test_fxrewrite_convert(benchmark, yolov9_e_checkpoint, tmp_path):
+    benchmark.pedantic(fxrewrite_pipeline, args=(yolov9_e_checkpoint, tmp_path / "fx.pt"), rounds=3, iterations=1)
+
+
+@pytest.mark.benchmark(group="convert yolov9-e checkpoint")
+def test_notebook_baseline(benchmark, yolov9_e_checkpoint, tmp_path):
+    benchmark.pedantic(notebook_pipeline, args=(yolov9_e_checkpoint, tmp_path / "nb.pt"), rounds=3, iterations=1)
+
+
+def test_both_pipelines_write_the_same_weights(yolov9_e_checkpoint, tmp_path):
+    fxrewrite_pipeline(yolov9_e_checkpoint, tmp_path / "fx.pt")
+    notebook_pipeline(yolov9_e_checkpoint, tmp_path / "nb.pt")
+    a = load_checkpoint(tmp_path / "fx.pt", dtype=None).model.state_dict()
+    b = load_checkpoint(tmp_path / "nb.pt", dtype=None).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,512 @@
+"""Reading and writing YOLOv9 training/inference checkpoints -- safely.
+
+A checkpoint of the reference code is a ``torch.save`` zip whose ``data.pkl``
+pickles the whole model object (``models.yolo.DetectionModel`` made of
+``models.common.*`` blocks). Unpickling arbitrary files runs arbitrary code,
+so :func:`load_checkpoint` never uses plain pickle and never imports the
+reference code:
+
+1. the file is checked structurally (exists, non-empty, a zip, has data.pkl);
+2. the pickle's global references are listed *without executing anything*
+   (``pickletools``) and vetted against :mod:`fxrewrite.yolov9.classes`, so the
+   error can name what is wrong (an unknown block, an Ultralytics file, or a
+   code-execution gadget such as ``os.system``);
+3. only then ``torch.load(weights_only=True)`` restores it, with every official
+   class name bound to our own re-implementation through
+   ``torch.serialization.safe_globals([(OurClass, "models.common.Conv"), ...])``.
+
+:func:`save_checkpoint` writes the reference layout back, naming our classes
+by their official names, so the file also loads in the reference code.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import copy
+import io
+import json
+import os
+import pickle
+import pickletools
+import re
+import types
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import FxRewriteError
+from ..io import PathLike, atomic_writes, check_output
+from .classes import allowed_globals, official_aliases
+
+__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "save_safetensors"]
+
+# How torch wrote files before the zip format (torch < 1.6): a pickled magic number first.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+_REGISTER_HINT = "fxrewrite.yolov9.classes.register_block"
+
+
+class CheckpointError(FxRewriteError, ValueError):
+    """A checkpoint cannot be read or written; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint: the model plus everything else that was stored beside it."""
+
+    path: Path
+    model: nn.Module
+    #: which top-level entry the model came from: "ema" (preferred, as the reference loader does) or "model"
+    weights: str
+    #: the remaining top-level entries (epoch, opt, optimizer, best_fitness, git, date, ...)
+    entries: dict[str, Any] = field(default_factory=dict)
+    #: floating-point dtype of the weights as stored (fp16 for train.py/train_dual.py files)
+    stored_dtype: torch.dtype | None = None
+
+    @property
+    def epoch(self) -> Any:
+        return self.entries.get("epoch")
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+def _plural(names: list[str]) -> str:
+    return "is" if len(names) == 1 else "are"
+
+
+def _check_container(path: Path, shown: str) -> None:
+    """File-level problems, decided from the bytes alone."""
+    if not path.exists():
+        raise CheckpointError(f"{shown}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{shown}: is a directory, not a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{shown}: file is empty (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if zipfile.is_zipfile(path):
+        return
+    if head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{shown}: truncated or corrupt zip archive (no end-of-archive record)")
+    if head == _LEGACY_MAGIC:
+        raise CheckpointError(
+            f"{shown}: legacy (pre-1.6, non-zip) torch file format; it cannot be loaded safely, "
+            "only torch.save zip checkpoints are supported"
+        )
+    if head[:1] == b"\x80":
+        raise CheckpointError(f"{shown}: a plain pickle file, not a torch.save checkpoint; refused (nothing was executed)")
+    raise CheckpointError(f"{shown}: not a torch checkpoint (not a zip archive)")
+
+
+def _read_data_pkl(path: Path, shown: str) -> bytes:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if not pickles:
+                if any(n.endswith("/constants.pkl") for n in names):
+                    raise CheckpointError(f"{shown}: a TorchScript archive, not a torch.save checkpoint")
+                raise CheckpointError(f"{shown}: a zip archive but not a torch checkpoint (no data.pkl record)")
+            return archive.read(pickles[0])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({exc})") from None
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """Every global (``module.name``) a pickle refers to, found without unpickling it.
+
+    ``GLOBAL``/``INST`` carry the name inline; for ``STACK_GLOBAL`` (protocol 4+)
+    the two most recent strings are used, following the memo, which is how
+    pickle itself builds them.
+    """
+    found: set[str] = set()
+    strings: list[str] = []
+    memo: dict[int, Any] = {}
+    last: Any = None
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            module, _, qual = arg.partition(" ")
+            # Protocol-2 pickles spell some stdlib names the Python 2 way
+            # (``__builtin__ set``); pickle maps them back when loading, so do we.
+            module, qual = _compat_pickle.NAME_MAPPING.get((module, qual), (module, qual))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            found.add(f"{module}.{qual}")
+            last = None
+        elif name in _STRING_OPS:
+            last = arg.decode("latin-1") if isinstance(arg, bytes) else arg
+            strings.append(last)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = last
+        elif name == "MEMOIZE":
+            memo[len(memo)] = last
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            last = memo.get(arg)
+            if isinstance(last, str):
+                strings.append(last)
+        elif name == "STACK_GLOBAL":
+            found.add(".".join(strings[-2:]) if len(strings) >= 2 else "<unresolved STACK_GLOBAL>")
+            last = None
+        else:
+            last = None
+    return found
+
+
+def _torch_default_globals() -> set[str]:
+    """Names torch's weights-only unpickler accepts on its own (tensors, storages, dtypes ...)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # private API moved: fall back to trusting torch's own check
+        return set()
+
+
+def _vet_globals(found: set[str], shown: str) -> None:
+    aliases = official_aliases()
+    torch_defaults = _torch_default_globals()
+    allowed = set(aliases) | set(allowed_globals()) | torch_defaults
+    ultralytics = sorted(n for n in found if n.startswith("ultralytics."))
+    if ultralytics:
+        raise CheckpointError(
+            f"{shown}: an Ultralytics checkpoint (it references {ultralytics[0]}); that is a different "
+            "format from WongKinYiu/yolov9 checkpoints and is not supported"
+        )
+    unknown_blocks = sorted(n for n in found - allowed if n.startswith("models."))
+    # If torch's own list is unknown (private API moved), leave torch.* names to torch's check.
+    refused = sorted(
+        n for n in found - allowed
+        if not n.startswith("models.") and (torch_defaults or not n.startswith("torch."))
+    )
+    if refused:
+        raise CheckpointError(
+            f"{shown}: refused to load: the pickle references {', '.join(refused)}, which "
+            f"{_plural(refused)} not allowed in a YOLOv9 checkpoint; nothing from the file was executed"
+        )
+    if unknown_blocks:
+        example = unknown_blocks[0]
+        raise CheckpointError(
+            f"{shown}: the model uses block classes unknown to fxrewrite: {', '.join(unknown_blocks)}; "
+            f"implement each as an nn.Module and register it before loading, e.g. "
+            f"{_REGISTER_HINT}(MyBlock, {example!r})"
+        )
+
+
+def _explain_unpickling_error(exc: Exception, shown: str) -> CheckpointError:
+    """Turn torch's weights-only refusal into our message (names the global when torch does)."""
+    text = str(exc)
+    match = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
+    if match:
+        name = match.group(1)
+        name = name if "." in name else f"builtins.{name}"  # torch strips the builtins prefix
+        return CheckpointError(
+            f"{shown}: refused to load: the pickle references {name}, which is not allowed in a "
+            "YOLOv9 checkpoint; nothing from the file was executed"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return CheckpointError(f"{shown}: refused to load: {first}; nothing from the file was executed")
+
+
+def _safe_global_pairs() -> list[tuple[Any, str]]:
+    pairs = [(cls, name) for name, cls in official_aliases().items()]
+    pairs += [(obj, name) for name, obj in allowed_globals().items()]
+    return pairs
+
+
+def _torch_load(path: Path, shown: str) -> Any:
+    try:
+        with torch.serialization.safe_globals(_safe_global_pairs()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _explain_unpickling_error(exc, shown) from None
+    except RuntimeError as exc:
+        # PytorchStreamReader errors (bad CRC, missing tensor record, short file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({first})") from None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _pick_model(obj: Any, shown: str) -> tuple[nn.Module, str, dict[str, Any]]:
+    if _is_tensor_dict(obj):
+        first = next(iter(obj))
+        raise CheckpointError(
+            f"{shown}: a bare state_dict ({len(obj)} tensors, e.g. {first!r}), not a checkpoint with a "
+            "pickled model; build the model from its config and use load_state_dict instead"
+        )
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{shown}: expected a checkpoint dict, found a {type(obj).__name__}")
+    if "model" not in obj and "ema" not in obj:
+        keys = ", ".join(map(str, obj)) or "none"
+        raise CheckpointError(f"{shown}: checkpoint has no 'model' or 'ema' entry (top-level keys: {keys})")
+    # The reference loader prefers the EMA weights whenever they were kept.
+    which = "ema" if obj.get("ema") is not None else "model"
+    model = obj.get(which)
+    if model is None:
+        raise CheckpointError(f"{shown}: checkpoint's 'model' entry is empty (None) and it has no 'ema' weights")
+    if _is_tensor_dict(model):
+        raise CheckpointError(
+            f"{shown}: the {which!r} entry is a bare state_dict, not a pickled model; build the model "
+            "from its config and use load_state_dict instead"
+        )
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{shown}: the {which!r} entry is a {type(model).__name__}, not a pickled model")
+    entries = {k: v for k, v in obj.items() if k not in ("model", "ema")}
+    return model, which, entries
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32) -> LoadedCheckpoint:
+    """Load a YOLOv9 checkpoint (train.py / train_dual.py layout) into our classes.
+
+    Nothing from the file is executed and the reference code is not needed.
+    The EMA weights are used when present (``weights == "ema"``), else
+    ``model``. Floating-point weights are converted to ``dtype`` (float32 by
+    default, as the reference loader does); ``dtype=None`` keeps them as stored.
+    Raises :class:`CheckpointError` naming the file and the problem.
+    """
+    shown = os.fspath(path)
+    file = Path(shown)
+    _check_container(file, shown)
+    data = _read_data_pkl(file, shown)
+    try:
+        found = pickle_globals(data)
+    except Exception as exc:  # genops: truncated or garbage opcode stream
+        raise CheckpointError(f"{shown}: corrupt pickle in data.pkl ({exc})") from None
+    _vet_globals(found, shown)
+    obj = _torch_load(file, shown)
+    model, which, entries = _pick_model(obj, shown)
+    stored = _float_dtype(model)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return LoadedCheckpoint(path=file, model=model, weights=which, entries=entries, stored_dtype=stored)
+
+
+# --------------------------------------------------------------------------- #
+# Saving
+# --------------------------------------------------------------------------- #
+class _UnsaveableGlobal(Exception):
+    """Raised inside the pickler; turned into a CheckpointError naming the output."""
+
+
+def _pickle_module(official_names: dict[type, str], loadable: set[str]) -> types.ModuleType:
+    """A stand-in ``pickle`` module for ``torch.save`` whose Pickler writes our classes under official names.
+
+    torch.save subclasses nothing: it instantiates ``pickle_module.Pickler`` on a
+    buffer, sets ``persistent_id`` (for tensor storages) and calls ``dump``. Our
+    Pickler is the fast C pickler writing to a private buffer; ``dump`` then
+    walks the opcodes once (``pickletools.genops``, no object is rebuilt) and
+    rewrites every ``GLOBAL`` that names one of our classes to its official name.
+    Any other global must be one the loader accepts, so a saved file always
+    loads back. (A pure-Python pickler overriding ``save_global`` does the same
+    but is several times slower on a large model.)
+    """
+    renames = {f"{cls.__module__}.{cls.__qualname__}": official for cls, official in official_names.items()}
+
+    class Pickler(pickle.Pickler):
+        def __init__(self, file, protocol=None, **kwargs):
+            self._target = file
+            self._buffer = io.BytesIO()
+            super().__init__(self._buffer, protocol, **kwargs)
+            if protocol is None or protocol > 3:  # GLOBAL opcodes only exist up to protocol 3
+                raise ValueError("the official checkpoint layout is pickled with protocol 2 or 3")
+
+        def dump(self, obj):
+            super().dump(obj)
+            self._target.write(_official_globals(self._buffer.getvalue(), renames, loadable))
+
+    module = types.ModuleType("fxrewrite_official_pickle")
+    module.Pickler = Pickler
+    return module
+
+
+def _official_globals(data: bytes, renames: dict[str, str], loadable: set[str]) -> bytes:
+    """``data`` with every GLOBAL opcode naming a renamed class rewritten; refuse unloadable globals."""
+    pieces, last = [], 0
+    for opcode, arg, pos in pickletools.genops(data):
+        if opcode.name in ("STACK_GLOBAL", "INST", "OBJ"):
+            raise _UnsaveableGlobal(f"a {opcode.name} opcode")
+        if opcode.name != "GLOBAL":
+            continue
+        module, qual = arg.split(" ", 1)
+        # Protocols < 3 write Python 2 names for builtins (__builtin__.set); compare the Python 3 ones.
+        module, qual = _compat_pickle.NAME_MAPPING.get((module, qual), (module, qual))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        dotted = f"{module}.{qual}"
+        official = renames.get(dotted)
+        if official is None:
+            if dotted not in loadable:
+                raise _UnsaveableGlobal(dotted)
+            continue
+        end = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1  # GLOBAL is c<module>\n<name>\n
+        o_module, _, o_qual = official.rpartition(".")
+        pieces += [data[last:pos], b"c" + o_module.encode() + b"\n" + o_qual.encode() + b"\n"]
+        last = end
+    pieces.append(data[last:])
+    return b"".join(pieces)
+
+
+def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = True) -> nn.Module:
+    """fp16 (or fp32 with ``half=False``), frozen deep copy; the caller's module and tensors stay untouched.
+
+    Layers carry an informational ``type`` label (their class path); on the copy
+    it is rewritten to the official path, as the reference builder would set it.
+    """
+    dtype = torch.float16 if half else torch.float32
+    # Deep-copy the modules but give the copy new Parameter objects over the same storage when the
+    # dtype already matches: no tensor data is copied unless a conversion is needed.
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        data = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        memo[id(p)] = nn.Parameter(data, requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
+    frozen = copy.deepcopy(model, memo)
+    frozen = frozen.half() if half else frozen.float()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    for m in frozen.modules():
+        cls = type(m)
+        label = m.__dict__.get("type")
+        if cls in official_names and label == f"{cls.__module__}.{cls.__qualname__}":
+            m.type = official_names[cls]
+    return frozen
+
+
+def _check_saveable(model: nn.Module, official_names: dict[type, str], loadable: set[str], shown: str) -> None:
+    """Name every layer class that has no official name, before any work is done."""
+    if type(model) not in official_names:
+        raise CheckpointError(
+            f"{shown}: cannot save a {type(model).__qualname__}: only models whose classes have official "
+            "names (fxrewrite.yolov9 DetectionModel / SegmentationModel) can be saved in the YOLOv9 format"
+        )
+    missing = sorted({
+        f"{type(m).__module__}.{type(m).__qualname__}"
+        for m in model.modules()
+        if type(m) not in official_names and f"{type(m).__module__}.{type(m).__qualname__}" not in loadable
+    })
+    if missing:
+        raise CheckpointError(
+            f"{shown}: cannot save: the model contains {', '.join(missing)}, which {_plural(missing)} neither an "
+            f"official YOLOv9 class nor an allowed torch layer; register custom blocks with {_REGISTER_HINT}"
+        )
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[PathLike] = (),
+    half: bool = True,
+    **extra: Any,
+) -> Path:
+    """Write ``model`` as a reference-layout inference checkpoint, atomically.
+
+    Weights are stored in fp16 like the official code does (``half=False``: fp32).
+
+    The file holds ``{'model': <fp16 model>, 'ema': None, 'optimizer': None,
+    'updates': None, 'best_fitness': None, 'epoch': -1, **extra}`` (the layout
+    the reference ``strip_optimizer`` produces). Our classes are pickled under
+    their official names, so the pickle refers only to ``models.yolo.*``,
+    ``models.common.*``, torch and standard-library names and loads both with
+    :func:`load_checkpoint` and in the reference code. The caller's model is
+    not modified. ``force`` allows replacing an existing file; ``inputs`` are
+    paths the output must never overwrite. Returns the resolved output path.
+    """
+    shown = os.fspath(path)
+    clash = {"model", "ema"} & set(extra)
+    if clash:
+        raise TypeError(f"save_checkpoint: {', '.join(sorted(clash))} cannot be passed as an extra entry")
+    check_output(path, force=force, inputs=inputs)  # fail before the (slow) copy and pickling
+    official_names = {cls: name for name, cls in official_aliases().items()}
+    loadable = set(allowed_globals()) | _torch_default_globals() | set(official_names.values())
+    _check_saveable(model, official_names, loadable, shown)
+
+    ckpt = {
+        "model": _fp16_copy(model, official_names, half),
+        "ema": None,
+        "optimizer": None,
+        "updates": None,
+        "best_fitness": None,
+        "epoch": -1,
+        **extra,
+    }
+    pickle_module = _pickle_module(official_names, loadable)
+    try:
+        with atomic_writes([path], force=force, inputs=inputs) as (handle,):
+            torch.save(ckpt, handle, pickle_module=pickle_module)
+    except _UnsaveableGlobal as exc:
+        raise CheckpointError(
+            f"{shown}: cannot save: the checkpoint would reference {exc}, which load_checkpoint does not "
+            "allow; nothing was written"
+        ) from None
+    return Path(shown).expanduser().resolve()
+
+
+def save_safetensors(
+    model: nn.Module,
+    path_without_ext: PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[PathLike] = (),
+) -> tuple[Path, Path]:
+    """Write ``<path>.safetensors`` (the state_dict) and ``<path>.yaml`` (the model config).
+
+    The tensors keep the model's dtype. ``nc``, ``names`` and ``stride`` go
+    into the safetensors metadata (as JSON strings). Both files are written as
+    one unit: either both appear or neither does. Needs the optional
+    ``safetensors`` package.
+    """
+    try:
+        from safetensors.torch import save as safetensors_save
+    except ImportError:
+        raise CheckpointError(
+            f"{os.fspath(path_without_ext)}: writing safetensors needs the optional package 'safetensors' "
+            "(pip install 'fxrewrite[safetensors]')"
+        ) from None
+    import yaml
+
+    base = os.fspath(path_without_ext)
+    st_path, yaml_path = f"{base}.safetensors", f"{base}.yaml"
+    config = getattr(model, "yaml", None)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{st_path}: the model has no 'yaml' config dict to write beside the weights")
+    for p in (st_path, yaml_path):
+        check_output(p, force=force, inputs=inputs)
+
+    # clone(): safetensors refuses tensors that share memory, and it must not see caller storage anyway
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    names = getattr(model, "names", None)
+    stride = getattr(model, "stride", None)
+    metadata = {"format": "pt", "config": json.dumps(config)}
+    nc = getattr(model, "nc", None)  # set by training; a freshly built model only has it in its config
+    nc = config.get("nc") if nc is None else nc
+    if nc is not None:
+        metadata["nc"] = json.dumps(int(nc))
+    if names is not None:
+        metadata["names"] = json.dumps(names if isinstance(names, (list, dict)) else list(names))
+    if isinstance(stride, torch.Tensor):
+        metadata["stride"] = json.dumps([float(s) for s in stride.tolist()])
+    payload = safetensors_save(tensors, metadata=metadata)
+    config_text = yaml.safe_dump(config, sort_keys=False)
+
+    with atomic_writes([st_path, yaml_path], force=force, inputs=inputs) as (st_file, yaml_file):
+        st_file.write(payload)
+        yaml_file.write(config_text.encode("utf-8"))
+    return Path(st_path).resolve(), Path(yaml_path).resolve()

@@ -1,0 +1,286 @@
+"""Convert a YOLOv9 training model (auxiliary PGI branch) into its GELAN inference model.
+
+The pipeline, with no layer index written anywhere:
+
+1. :func:`fxrewrite.trace` at layer granularity: one node per ``model.N`` layer,
+   the head as one node, shapes propagated on a small example image;
+2. :func:`fxrewrite.rewrite` with ``rules/yolov9.yaml``: the dual/triple head
+   becomes a single head on its main inputs, everything the output does not need
+   is pruned, pass-through ``Silence`` layers are collapsed;
+3. the kept layers are renumbered in graph order and a config is derived from
+   the graph: every ``from`` is rewritten from the node's actual inputs;
+4. a fresh model is built from that config on the ``meta`` device (free) and each
+   of its tensors is bound to its origin through the rewrite's provenance
+   (:func:`fxrewrite.bind_tensors`): shapes checked, tensors shared, not copied.
+
+>>> import torch
+>>> from fxrewrite.yolov9 import DetectionModel, convert
+>>> torch.manual_seed(0) and None
+>>> training = DetectionModel("yolov9-t").eval()
+>>> conversion = convert(training)
+>>> len(conversion.model.model), conversion.layer_map[22]
+(23, 29)
+>>> x = torch.rand(1, 3, 64, 96)
+>>> torch.equal(conversion.model(x)[0], training(x)[0][1])
+True
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .. import trace as fx_trace
+from ..engine import RewriteResult, rewrite
+from ..errors import FxRewriteError
+from ..pattern import input_nodes
+from ..rebind import bind_tensors
+from ..rule_file import load_rules
+from ..rules import RuleSet
+from ..tensors import named_tensors
+from ..verify import VerifyReport, verify
+
+# Where the main prediction sits in each training head's eval output, and in the
+# single head's (the converted model's) output. Facts of the official heads.
+MAIN_OUTPUT = {
+    "DualDDetect": (0, 1),  # eval: ([aux, main], [aux maps, main maps])
+    "DualDetect": (0, 1),
+    "TripleDDetect": (0,),  # eval: (last branch's prediction, its maps)
+    "DualDSegment": (0,),  # eval: (main boxes + mask coefficients, (...))
+}
+SINGLE_OUTPUT = (0,)
+# Model-level attributes of the official DetectionModel that the converted model keeps.
+KEPT_ATTRIBUTES = ("names", "nc", "hyp", "class_weights", "args", "inplace")
+
+
+class ConversionError(FxRewriteError, ValueError):
+    """The model cannot be converted (nothing to do, not a layered YOLO model, ...)."""
+
+
+@dataclass
+class Conversion:
+    """A converted model and everything about how it was obtained."""
+
+    model: nn.Module  # the GELAN model; its tensors are the training model's
+    config: dict  # the derived config (also ``model.yaml``)
+    layer_map: dict[int, int]  # new layer index -> training-model layer index
+    param_map: dict[str, str]  # new tensor name -> training-model tensor name
+    result: RewriteResult  # the graph rewrite (log, node status, drawings)
+    source: nn.Module  # the training model
+    head: str  # class name of the training model's head
+    pruned: list[int] = field(default_factory=list)
+    collapsed: list[int] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(p.numel() for p in self.source.parameters())
+
+    @property
+    def params_after(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def verify(self, inputs: torch.Tensor) -> VerifyReport:
+        """Compare the converted model's output with the training model's main output on ``inputs``."""
+        modes = _set_eval(self.source), _set_eval(self.model)
+        try:
+            return verify(self.source, self.model, inputs, select_original=MAIN_OUTPUT.get(self.head, SINGLE_OUTPUT),
+                          select_rewritten=SINGLE_OUTPUT)
+        finally:
+            _restore(self.source, modes[0])
+            _restore(self.model, modes[1])
+
+
+def default_rules() -> RuleSet:
+    """The shipped ``rules/yolov9.yaml``."""
+    return load_rules("yolov9")
+
+
+def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int | None = None) -> Conversion:
+    """Convert a layered YOLO model (official classes or fxrewrite's) with ``rules`` (default: yolov9.yaml).
+
+    The input model is not modified (its train/eval mode is restored); the
+    converted model shares its tensors.
+    """
+    layers = _layers(model)
+    head = type(layers[-1]).__name__
+    result = trace_and_rewrite(model, rules, example_size=example_size)
+    gm = result.original
+    kept = [n for n in result.module.graph.nodes if n.op == "call_module"]
+    old_index = {n: _layer_index(n, result.module) for n in kept}
+    if [old_index[n] for n in kept] == list(range(len(layers))) and not _replaced(result):
+        raise ConversionError(f"nothing to convert: the model ({head} head) has no auxiliary layers "
+                              f"for the rules to remove; it is already an inference model")
+    config = derive_config(model.yaml, kept, old_index, result)
+    converted = _build(model, config)
+    layer_target = {k: n.target for k, n in enumerate(kept)}
+    sources = dict(named_tensors(model))
+
+    def origin(name: str) -> str | None:
+        _, k, rest = name.split(".", 2)
+        return result.param_map.get(f"{layer_target[int(k)]}.{rest}")
+
+    param_map = bind_tensors(converted, sources, origin)
+    _materialise_plain_tensors(converted, result.module, layer_target)
+    _copy_model_attributes(model, converted)
+    converted.eval()
+    status = result.node_status
+    index_of_name = {n.name: _layer_index_by_target(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return Conversion(
+        model=converted, config=config, layer_map={k: old_index[n] for k, n in enumerate(kept)},
+        param_map=param_map, result=result, source=model, head=head,
+        pruned=sorted(i for name, i in index_of_name.items() if status.get(name) == "pruned"),
+        collapsed=sorted(i for name, i in index_of_name.items() if status.get(name) == "collapsed"))
+
+
+def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bool = False,
+                      example_size: int | None = None) -> RewriteResult:
+    """Trace ``model`` in eval mode (one node per layer, or per operation with ``ops``) and rewrite it.
+
+    The model's train/eval mode is restored afterwards. At op granularity the
+    result is for looking at (drawings); :func:`convert` needs layer granularity.
+    """
+    _layers(model)
+    rules = rules if rules is not None else default_rules()
+    modes = _set_eval(model)
+    try:
+        reference = next((t for t in model.parameters() if t.is_floating_point()), torch.zeros(()))
+        size = example_size or _example_size(model)
+        # Same dtype and device as the weights: fp16 checkpoints and meta-device skeletons trace too.
+        example = torch.zeros(1, _input_channels(model), size, size, dtype=reference.dtype, device=reference.device)
+        gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=_fixed_flags(model))
+        return rewrite(gm, rules)
+    finally:
+        _restore(model, modes)
+
+
+# -- config derivation ----------------------------------------------------------
+def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, int], result: RewriteResult) -> dict:
+    """The layered config of the rewritten graph: kept layers renumbered in graph order, every
+    ``from`` recomputed from the node's inputs (``-1`` kept where the original said ``-1`` and the
+    input is still the previous layer), the module name of replaced layers updated."""
+    old_layers = list(original["backbone"]) + list(original["head"])
+    n_backbone = len(original["backbone"])
+    new_index = {n: k for k, n in enumerate(kept)}
+    backbone, head = [], []
+    for k, node in enumerate(kept):
+        old = old_index[node]
+        f_old, number, module, args = old_layers[old]
+        replaced = result.node_status.get(node.name) == "replaced"
+        inputs = []
+        for inp in input_nodes(node):
+            if inp.op == "placeholder":
+                if k != 0:
+                    raise ConversionError(f"layer {old} (new {k}) reads the raw input but is not the first layer; "
+                                          f"a layered config cannot express that (keep a Silence layer as anchor)")
+                inputs.append(-1)
+            elif inp in new_index:
+                inputs.append(new_index[inp])
+            else:
+                raise ConversionError(f"layer {old} reads {inp.name}, which is not a layer")
+        old_from = f_old if isinstance(f_old, list) else [f_old]
+        new_from = []
+        for pos, j in enumerate(inputs):
+            was_relative = not replaced and pos < len(old_from) and old_from[pos] == -1
+            new_from.append(-1 if j == -1 or (was_relative and j == k - 1) else j)
+        if replaced:
+            module = node.meta["provenance"].module_class
+        entry = [new_from if isinstance(f_old, list) or len(new_from) != 1 else new_from[0], number, module,
+                 copy.deepcopy(args)]
+        (backbone if old < n_backbone else head).append(entry)
+    config = {k: copy.deepcopy(v) for k, v in original.items() if k not in ("backbone", "head")}
+    config["backbone"], config["head"] = backbone, head
+    return config
+
+
+# -- helpers ------------------------------------------------------------------------
+def _layers(model: nn.Module) -> nn.Sequential:
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential) or not hasattr(model, "yaml") or not len(layers):
+        raise ConversionError(f"{type(model).__name__} is not a layered YOLO model (needs .model layers and .yaml)")
+    return layers
+
+
+def _layer_index(node: fx.Node, gm: fx.GraphModule) -> int:
+    module = gm.get_submodule(node.target)
+    return int(getattr(module, "i", _layer_index_by_target(node.target)))
+
+
+def _layer_index_by_target(target: str) -> int:
+    return int(target.rsplit(".", 1)[-1])
+
+
+def _replaced(result: RewriteResult) -> bool:
+    return bool(result.nodes_with_status("replaced"))
+
+
+def _input_channels(model: nn.Module) -> int:
+    return int(model.yaml.get("ch", 3))
+
+
+def _example_size(model: nn.Module) -> int:
+    """The smallest image every level of the model accepts: the largest stride (32 for P5 models).
+
+    Shapes are propagated on it during the rewrite; small keeps that cheap (even in fp16 on a CPU).
+    """
+    stride = getattr(model, "stride", None)
+    return int(torch.as_tensor(stride).max().item()) if stride is not None else 32
+
+
+def _fixed_flags(model: nn.Module) -> dict[str, Any]:
+    """Keyword flags of ``forward`` (augment, profile, visualize) fixed to False while tracing."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {name: False for name in ("augment", "profile", "visualize") if name in params}
+
+
+def _set_eval(model: nn.Module) -> dict[nn.Module, bool]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    return modes
+
+
+def _restore(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
+def _build(model: nn.Module, config: dict) -> nn.Module:
+    from .model import DetectionModel, SegmentationModel
+
+    cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
+    strides = [float(s) for s in torch.as_tensor(model.stride).tolist()]
+    with torch.device("meta"):
+        return cls(config, ch=_input_channels(model), strides=strides)
+
+
+def _materialise_plain_tensors(converted: nn.Module, rewritten: fx.GraphModule, layer_target: dict[int, str]) -> None:
+    """Tensors kept as plain attributes (a head's ``stride``, cached anchors) were built on ``meta``:
+    take the rewritten module's value where it has one, else an empty CPU tensor of the same shape."""
+    for name, module in converted.named_modules():
+        for attr, value in list(vars(module).items()):
+            if not isinstance(value, torch.Tensor) or not value.is_meta or attr.startswith("_"):
+                continue
+            replacement = None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[0] == "model" and parts[1].isdigit():
+                try:
+                    twin = rewritten.get_submodule(".".join([layer_target[int(parts[1])], *parts[2:]]))
+                    replacement = getattr(twin, attr, None)
+                except AttributeError:
+                    replacement = None
+            if not isinstance(replacement, torch.Tensor) or replacement.shape != value.shape:
+                replacement = torch.zeros(value.shape, dtype=value.dtype)
+            setattr(module, attr, replacement)
+    head = converted.model[-1]
+    if isinstance(getattr(head, "stride", None), torch.Tensor):
+        converted.stride = head.stride
+
+
+def _copy_model_attributes(source: nn.Module, converted: nn.Module) -> None:
+    for attr in KEPT_ATTRIBUTES:
+        if attr in vars(source):
+            setattr(converted, attr, copy.deepcopy(getattr(source, attr)))

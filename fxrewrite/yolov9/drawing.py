@@ -1,0 +1,71 @@
+"""Drawings of a YOLOv9 conversion: layers grouped into backbone / head / auxiliary boxes.
+
+The boxes come from the model's config (``backbone`` vs ``head`` sections) and
+from the conversion itself: the auxiliary block is exactly what the rules pruned,
+so the picture shows at a glance what PGI adds and the conversion removes.
+
+>>> import torch
+>>> from fxrewrite.yolov9 import DetectionModel, convert
+>>> torch.manual_seed(0) and None
+>>> conversion = convert(DetectionModel("yolov9-t").eval())
+>>> drawing = draw_conversion(conversion)
+>>> sorted({box for box in drawing.clusters.values() if box})  # input and output stay outside
+[('auxiliary',), ('backbone',), ('head',)]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import fx
+
+from ..io import check_output
+from ..draw import Drawing, draw_rewrite, write_rewrite_drawings
+from ..engine import RewriteResult
+from .convert import Conversion
+
+BACKBONE, HEAD, AUXILIARY = "backbone", "head", "auxiliary"
+
+
+def layer_of(node: fx.Node) -> int | None:
+    """The top-level layer (``model.N``) a node belongs to, from its provenance."""
+    prov = node.meta.get("provenance")
+    parts = prov.module.split(".") if prov is not None else []
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "model" and parts[1].isdigit() else None
+
+
+def layer_clusters(result: RewriteResult, config: dict) -> dict[str, str]:
+    """Node name -> ``backbone`` / ``head`` / ``auxiliary`` for every node of the drawn graphs.
+
+    A layer is auxiliary when the rewrite pruned every node of it; works at layer and at op granularity.
+    """
+    n_backbone = len(config["backbone"])
+    status = result.node_status
+    layers: dict[str, int] = {}
+    for graph in (result.original.graph, result.module.graph):
+        for node in graph.nodes:
+            layer = layer_of(node)
+            if layer is not None:
+                layers[node.name] = layer
+    kept = {layer for name, layer in layers.items() if status.get(name) != "pruned"}
+    return {name: AUXILIARY if layer not in kept else BACKBONE if layer < n_backbone else HEAD
+            for name, layer in layers.items()}
+
+
+def draw_conversion(conversion: Conversion, *, view: str = "overlay", **kwargs) -> Drawing:
+    """Draw a conversion (``view``: overlay, before, after, side_by_side) with YOLO boxes."""
+    kwargs.setdefault("clusters", layer_clusters(conversion.result, conversion.source.yaml))
+    kwargs.setdefault("title", f"{conversion.head} -> {type(conversion.model.model[-1]).__name__}: "
+                               f"{len(conversion.source.model)} -> {len(conversion.model.model)} layers")
+    return draw_rewrite(conversion.result, view=view, **kwargs)
+
+
+def write_conversion_drawings(conversion: Conversion, folder, *, force: bool = False, formats=("svg",), **kwargs):
+    """Write before, after and diff drawings (``formats``: svg, png, dot) of a conversion into ``folder``;
+    existing files are refused unless ``force``."""
+    folder = Path(folder)
+    for name in ("before", "after", "diff"):
+        for fmt in formats:
+            check_output(folder / f"{name}.{fmt}", force=force)
+    kwargs.setdefault("clusters", layer_clusters(conversion.result, conversion.source.yaml))
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(write_rewrite_drawings(conversion.result, folder, formats=formats, **kwargs).values())

@@ -1,0 +1,78 @@
+"""The command line: ``fxrewrite demo`` and ``fxrewrite rules``."""
+from __future__ import annotations
+
+import pytest
+
+from fxrewrite import registry
+from fxrewrite.cli import main
+
+
+def test_demo(capsys):
+    assert main(["demo"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines() == [
+        "fxrewrite demo: an example model with an auxiliary branch -> its main output only",
+        "keep-main-output (prune_unreachable): 0 matched, 1 rewritten",
+        "drop-identity (collapse): 1 matched, 1 rewritten",
+        "nodes: 13 kept, 8 pruned, 1 collapsed",
+        "parameters: 19,588 -> 14,746",
+        "verification against the main output: 1 output tensor(s): bitwise equal",
+    ]
+
+
+def test_rules_with_a_bad_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rules:\n  - name: a\n    action: colapse\n")
+    assert main(["rules", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"fxrewrite: error: {path}:3: rule 'a': unknown action 'colapse'; "
+                            f"known actions: {', '.join(registry.action_names())}\n")
+
+
+def test_rules_with_a_missing_file(tmp_path, capsys):
+    path = tmp_path / "missing.yaml"
+    assert main(["rules", str(path)]) == 1
+    assert capsys.readouterr().err == f"fxrewrite: error: {path}: no such rule file\n"
+
+
+def test_rules_with_several_errors_prints_one_line_each(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rules:\n  - name: a\n    action: prune_unreachable\n    args: {outputs: 0}\n"
+                    "  - name: b\n    action: prune_unreachable\n    colour: red\n")
+    assert main(["rules", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"fxrewrite: error: {path}:4: rule 'a': argument 'outputs' of action 'prune_unreachable' must be a list, "
+        f"not an integer (0)",
+        f"{path}:7: rule 'b': unknown key 'colour'; expected action, args, checks, description, mode, name, pattern",
+    ]
+
+
+def test_rules_with_a_good_file(tmp_path, capsys):
+    path = tmp_path / "good.yaml"
+    path.write_text("rules:\n  - {name: keep, action: prune_unreachable, args: {outputs: [0]}}\n"
+                    "  - {name: flat, pattern: {module_class: Identity}, action: collapse}\n")
+    assert main(["rules", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: 2 rule(s) OK: keep, flat\n"
+
+
+def test_rules_without_files_lists_actions_and_checks(capsys):
+    assert main(["rules"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "actions: " + ", ".join(registry.action_names())
+    assert lines[1] == "checks: " + ", ".join(registry.check_names())
+    assert lines[2].startswith("shipped rule sets:")
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: fxrewrite" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""Acceptance tests of the YOLOv9 -> GELAN conversion (fxrewrite.yolov9.convert + rules/yolov9.yaml)."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from fxrewrite.yolov9 import DetectionModel, SegmentationModel, convert
+from fxrewrite.yolov9.cli import randomise_batchnorm
+from fxrewrite.yolov9.config import load_config
+from fxrewrite.yolov9.convert import ConversionError
+
+VARIANTS = ["t", "s", "m", "c", "e"]
+
+
+def training_model(name: str, nc: int | None = None):
+    """A seeded training model with non-trivial BatchNorm statistics, in eval mode (cached per session)."""
+    return _training_model(name, nc)
+
+
+@functools.lru_cache(maxsize=None)
+def _training_model(name: str, nc: int | None):
+    torch.manual_seed(0)
+    cfg = load_config(name)
+    cls = SegmentationModel if "Segment" in str(cfg["head"][-1][2]) else DetectionModel
+    model = cls(cfg, nc=nc)
+    randomise_batchnorm(model, seed=1)
+    return model.eval()
+
+
+def conversion(name: str, nc: int | None = None):
+    return _conversion(name, nc)
+
+
+@functools.lru_cache(maxsize=None)
+def _conversion(name: str, nc: int | None):
+    return convert(training_model(name, nc))
+
+
+def layers(cfg: dict) -> list:
+    return [list(layer) for layer in cfg["backbone"] + cfg["head"]]
+
+
+def notebook_layer_map(variant: str) -> dict[int, int]:
+    """The official notebook's index offsets (new layer -> training layer), written out independently."""
+    if variant in ("t", "s"):
+        return {**{i: i for i in range(22)}, 22: 29}
+    if variant in ("m", "c"):
+        return {**{i: i + 1 for i in range(22)}, 22: 38}
+    return {**{i: i for i in range(29)}, **{i: i + 7 for i in range(29, 42)}, 42: 49}
+
+
+HEAD_RENAMES = {"cv2": "cv4", "cv3": "cv5", "dfl": "dfl2"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_derived_config_equals_official_gelan(variant):
+    derived = conversion(f"yolov9-{variant}").config
+    official = load_config(f"gelan-{variant}")
+    assert layers(derived) == layers(official)
+    assert len(derived["backbone"]) == len(official["backbone"])
+    assert derived["nc"] == 80
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_map_equals_the_notebooks(variant):
+    c = conversion(f"yolov9-{variant}")
+    offsets = notebook_layer_map(variant)
+    assert c.layer_map == offsets
+    head = max(offsets)
+    expected = {}
+    for name, _ in c.model.state_dict(keep_vars=True).items():
+        _, k, rest = name.split(".", 2)
+        k = int(k)
+        if k == head:
+            first, _, tail = rest.partition(".")
+            rest = f"{HEAD_RENAMES.get(first, first)}.{tail}" if tail else HEAD_RENAMES.get(first, first)
+        expected[name] = f"model.{offsets[k]}.{rest}"
+    assert c.param_map == expected
+    # Tensors are shared with the training model, not copied.
+    training = dict(training_model(f"yolov9-{variant}").named_parameters())
+    for new, old in c.param_map.items():
+        if old in training:
+            assert c.model.get_parameter(new) is training[old]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [(640, 640), (384, 640)], ids=["640x640", "384x640"])
+def test_converted_output_is_bitwise_the_main_output(variant, size):
+    c = conversion(f"yolov9-{variant}")
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        main = training_model(f"yolov9-{variant}")(x)[0][1]
+        converted = c.model(x)[0]
+    assert converted.shape == (1, 84, (size[0] // 8) * (size[1] // 8) * 21 // 16)
+    assert torch.equal(converted, main)
+
+
+def test_parameter_counts_after_conversion_equal_official_gelan():
+    expected = {"t": 2_442_640, "s": 7_226_208, "m": 20_124_000, "c": 25_498_752, "e": 58_114_432}
+    assert {v: conversion(f"yolov9-{v}").params_after for v in VARIANTS} == expected
+
+
+def test_pruned_and_collapsed_layers_of_yolov9_c_and_e():
+    c = conversion("yolov9-c")
+    assert c.pruned == list(range(23, 38)) and c.collapsed == [0]
+    e = conversion("yolov9-e")
+    assert e.pruned == list(range(29, 36)) and e.collapsed == []
+    rejected = [r for log in e.result.log for r in log.rejected]
+    assert [(r.node, r.reason) for r in rejected] == [
+        ("model_0", "max_users: model_0 is used by 2 nodes (model_1, model_15), more than 1")]
+
+
+def test_custom_class_count():
+    c = conversion("yolov9-c", 7)
+    assert c.config["nc"] == 7 and c.model.yaml["nc"] == 7 and c.model.model[-1].nc == 7
+    assert layers(c.config)[-1] == [[15, 18, 21], 1, "DDetect", ["nc"]]
+    x = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(c.model(x)[0], training_model("yolov9-c", 7)(x)[0][1])
+
+
+# A custom PGI configuration with no hand-written GELAN counterpart: no CBLinear (so it
+# builds at any width), an auxiliary neck reading the backbone, width 0.75, 5 classes.
+CUSTOM = {
+    "nc": 5, "depth_multiple": 0.5, "width_multiple": 0.75,
+    "backbone": [
+        [-1, 1, "Silence", []],
+        [-1, 1, "Conv", [32, 3, 2]],
+        [-1, 1, "Conv", [64, 3, 2]],
+        [-1, 1, "RepNCSPELAN4", [128, 64, 32, 1]],
+        [-1, 1, "ADown", [128]],
+        [-1, 1, "RepNCSPELAN4", [128, 128, 64, 1]],  # 5 P3
+        [-1, 1, "ADown", [256]],
+        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 7 P4
+        [-1, 1, "ADown", [256]],
+        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 9 P5
+    ],
+    "head": [
+        [-1, 1, "SPPELAN", [256, 128]],  # 10
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 7], 1, "Concat", [1]],
+        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 13
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 5], 1, "Concat", [1]],
+        [-1, 1, "RepNCSPELAN4", [128, 128, 64, 1]],  # 16 P3 main
+        [-1, 1, "ADown", [128]],
+        [[-1, 13], 1, "Concat", [1]],
+        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 19 P4 main
+        [-1, 1, "ADown", [256]],
+        [[-1, 10], 1, "Concat", [1]],
+        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 22 P5 main
+        [5, 1, "RepNCSPELAN4", [128, 128, 64, 1]],  # 23 aux P3
+        [7, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 24 aux P4
+        [9, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 25 aux P5
+        [[23, 24, 25, 16, 19, 22], 1, "DualDDetect", ["nc"]],
+    ],
+}
+
+
+def test_custom_config_without_gelan_counterpart():
+    torch.manual_seed(5)
+    training = DetectionModel(copy.deepcopy(CUSTOM))
+    randomise_batchnorm(training, seed=6)
+    training.eval()
+    c = convert(training)
+    assert c.layer_map == {**{i: i + 1 for i in range(22)}, 22: 26}
+    assert layers(c.config)[-1] == [[15, 18, 21], 1, "DDetect", ["nc"]]
+    assert layers(c.config)[:1] == [[-1, 1, "Conv", [32, 3, 2]]]
+    rebuilt = DetectionModel(c.config)  # the derived config is a valid config that holds the weights
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in c.model.state_dict().items()}
+    x = torch.rand(2, 3, 224, 288, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(c.model(x)[0], training(x)[0][1])
+
+
+def test_segmentation_model_keeps_every_trained_weight():
+    c = conversion("yolov9-c-dseg")
+    official_gelan = layers(load_config("gelan-c-dseg"))
+    derived = layers(c.config)
+    assert len(derived) == len(official_gelan)
+    differing = [i for i, (a, b) in enumerate(zip(derived, official_gelan)) if a != b]
+    # The official gelan-c-dseg.yaml gives its proto branch's RepNCSPELAN4 one inner repeat where
+    # yolov9-c-dseg trains two; the derived config keeps two, so it holds every trained weight.
+    assert differing == [22]
+    assert derived[22] == [15, 1, "RepNCSPELAN4", [256, 256, 128, 2]]
+    assert official_gelan[22] == [15, 1, "RepNCSPELAN4", [256, 256, 128, 1]]
+    training = training_model("yolov9-c-dseg")
+    x = torch.rand(1, 3, 320, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected, got = training(x), c.model(x)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1][2], expected[1][2])  # the prototype masks
+    head = c.model.model[-1]
+    assert type(head).__name__ == "DSegment"
+    assert c.param_map["model.%d.proto.conv.weight" % (len(derived) - 1)].endswith(".proto2.conv.weight")
+    assert c.param_map["model.%d.cv4.0.0.conv.weight" % (len(derived) - 1)].endswith(".cv7.0.0.conv.weight")
+
+
+def test_converting_an_inference_model_is_refused_as_nothing_to_do():
+    with pytest.raises(ConversionError, match="nothing to convert: the model \\(DDetect head\\) has no auxiliary"):
+        convert(conversion("yolov9-t").model)
+
+
+def test_conversion_leaves_the_training_model_untouched():
+    torch.manual_seed(9)
+    training = DetectionModel("yolov9-t")
+    training.train()
+    before = {k: v.clone() for k, v in training.state_dict().items()}
+    c = convert(training)
+    assert training.training and all(m.training for m in training.modules())
+    assert all(torch.equal(before[k], v) for k, v in training.state_dict().items())
+    assert len(training.model) == 30 and type(training.model[-1]).__name__ == "DualDDetect"
+    assert not c.model.training
