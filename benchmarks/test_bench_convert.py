@@ -61,12 +61,12 @@ def notebook_pipeline(src, out):
 
 @pytest.mark.benchmark(group="convert yolov9-e checkpoint")
 def test_fxrewrite_convert(benchmark, yolov9_e_checkpoint, tmp_path):
-    benchmark.pedantic(fxrewrite_pipeline, args=(yolov9_e_checkpoint, tmp_path / "fx.pt"), rounds=3, iterations=1)
+    benchmark.pedantic(fxrewrite_pipeline, args=(yolov9_e_checkpoint, tmp_path / "fx.pt"), rounds=3, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="convert yolov9-e checkpoint")
 def test_notebook_baseline(benchmark, yolov9_e_checkpoint, tmp_path):
-    benchmark.pedantic(notebook_pipeline, args=(yolov9_e_checkpoint, tmp_path / "nb.pt"), rounds=3, iterations=1)
+    benchmark.pedantic(notebook_pipeline, args=(yolov9_e_checkpoint, tmp_path / "nb.pt"), rounds=3, iterations=1, warmup_rounds=1)
 
 
 def test_both_pipelines_write_the_same_weights(yolov9_e_checkpoint, tmp_path):

@@ -45,7 +45,7 @@ __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_check
 
 # How torch wrote files before the zip format (torch < 1.6): a pickled magic number first.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
-_REGISTER_HINT = "fxrewrite.yolov9.classes.register_block"
+_REGISTER_HINT = "fxrewrite.yolov9.register_block"
 
 
 class CheckpointError(FxRewriteError, ValueError):

@@ -248,15 +248,20 @@ def _write(c: Conversion, outputs: dict[str, Path], args, inputs: list) -> list[
     save_checkpoint(c.model, outputs["pt"], force=args.force, inputs=inputs, half=not args.fp32, **extra)
     written = [outputs["pt"]]
     try:
-        with atomic_writes([outputs["yaml"], outputs["params"]], force=args.force, inputs=inputs) as (fy, fj):
-            fy.write(yaml.safe_dump(c.config, sort_keys=False).encode())
-            fj.write(json.dumps(c.param_map, indent=1).encode())
-        written += [outputs["yaml"], outputs["params"]]
-        if "safetensors" in outputs:
-            save_safetensors(c.model, outputs["safetensors"].with_suffix(""), force=args.force)
-            written.append(outputs["safetensors"])
+        if "safetensors" in outputs:  # writes OUT.safetensors and OUT.yaml (the derived config) together
+            written += list(save_safetensors(c.model, outputs["safetensors"].with_suffix(""), force=args.force,
+                                             inputs=inputs))
+            with atomic_writes([outputs["params"]], force=args.force, inputs=inputs) as (fj,):
+                fj.write(json.dumps(c.param_map, indent=1).encode())
+            written.append(outputs["params"])
+        else:
+            with atomic_writes([outputs["yaml"], outputs["params"]], force=args.force, inputs=inputs) as (fy, fj):
+                fy.write(yaml.safe_dump(c.config, sort_keys=False).encode())
+                fj.write(json.dumps(c.param_map, indent=1).encode())
+            written += [outputs["yaml"], outputs["params"]]
     except BaseException:
-        outputs["pt"].unlink(missing_ok=True)  # all or nothing
+        for path in written:  # all or nothing
+            Path(path).unlink(missing_ok=True)
         raise
     return written
 

@@ -515,7 +515,7 @@ def test_unknown_custom_block_and_register_block(tmp_path):
     assert str(err.value) == (
         f"{path}: the model uses block classes unknown to fxrewrite: models.common.MyBlock; implement each as an "
         "nn.Module and register it before loading, e.g. "
-        "fxrewrite.yolov9.classes.register_block(MyBlock, 'models.common.MyBlock')")
+        "fxrewrite.yolov9.register_block(MyBlock, 'models.common.MyBlock')")
 
     register_block(MyBlock, "models.common.MyBlock")
     try:

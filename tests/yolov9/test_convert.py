@@ -214,3 +214,36 @@ def test_conversion_leaves_the_training_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in training.state_dict().items())
     assert len(training.model) == 30 and type(training.model[-1]).__name__ == "DualDDetect"
     assert not c.model.training
+
+
+def test_official_model_in_memory_converts_through_the_python_api():
+    """A model built by the official code (classes models.common.* / models.yolo.*) converts by class name."""
+    from official import official
+
+    off = official()
+    torch.manual_seed(10)
+    training = off.build("yolov9-t.yaml")
+    randomise_batchnorm(training, seed=11)
+    training.eval()
+    assert type(training).__module__ == "models.yolo" and type(training.model[-1]).__name__ == "DualDDetect"
+    c = convert(training)
+    assert c.layer_map == notebook_layer_map("t")
+    assert layers(c.config) == layers(load_config("gelan-t"))
+    x = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        assert torch.equal(c.model(x)[0], training(x)[0][1])
+    official_params = dict(training.named_parameters())
+    assert all(c.model.get_parameter(new) is official_params[old] for new, old in c.param_map.items()
+               if old in official_params)
+
+
+def test_safetensors_output(tmp_path):
+    from fxrewrite.cli import main
+
+    code = main(["convert", "--config", "yolov9-t", "-o", str(tmp_path / "g.pt"), "--safetensors"])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.params.json", "g.pt", "g.safetensors", "g.yaml"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "g.safetensors"))
+    assert set(tensors) == set(conversion("yolov9-t").model.state_dict())
