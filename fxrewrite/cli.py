@@ -77,6 +77,8 @@ def _rules(args) -> int:
         print("actions:", ", ".join(registry.action_names()))
         print("checks:", ", ".join(registry.check_names()))
         print("shipped rule sets:", ", ".join(sorted(p.stem for p in shipped_rules_dir().glob("*.yaml"))))
+        print("cookbook examples:", ", ".join(sorted(f"examples/{p.stem}"
+                                                     for p in shipped_rules_dir().glob("examples/*.yaml"))))
         return 0
     for file in args.files:
         ruleset = load_rules(file)

@@ -25,10 +25,16 @@ palette, which stays distinguishable for colour-blind readers; every status also
 has its own border style and is written in the node, so nothing depends on
 colour alone.
 
-Large graphs: an op-level trace of a big model (YOLOv9-e: 1,400 nodes) renders in
-seconds (dot gets an iteration limit above :data:`LARGE_GRAPH_NODES` nodes), but
-a bitmap that big exceeds cairo's 32,767-pixel limit and is scaled down: prefer
-SVG for those, or draw the layer-level trace (``fxrewrite.trace(..., max_depth=...)``).
+Large graphs (more than :data:`LARGE_GRAPH_NODES` nodes, such as an op-level trace
+of a big model): each chain of operations that run one after the other (a conv ->
+batch norm -> activation block) is drawn as one box listing them, and the drawing
+says so under its title (``fold_chains=False`` draws one box per node); dot gets
+iteration limits (:data:`LARGE_GRAPH_LAYOUT`); and nodes are best grouped into boxes
+per layer (the default module-path boxes do that). An op-level YOLOv9-e overlay
+(1,400 nodes) then takes about 0.4 s to draw and render as SVG, seven times its
+layer-level drawing (``benchmarks/test_bench_draw.py``). A bitmap that big still
+exceeds cairo's 32,767-pixel limit and is scaled down: prefer SVG for those, or
+draw the layer-level trace (``fxrewrite.trace(..., max_depth=...)``).
 
 >>> import torch, fxrewrite
 >>> from fxrewrite.examples import DEMO_RULES, aux_branch_model
@@ -45,12 +51,13 @@ from __future__ import annotations
 import html
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import graphviz
-import networkx as nx
+from graphviz.quoting import quote as _graphviz_quote
 from torch import fx
 
 from .engine import COLLAPSED, KEPT, NEW, PRUNED, REMOVED, REPLACED, RewriteResult
@@ -120,9 +127,17 @@ EDGE_STYLES = {
     EDGE_ADDED: {"color": "#007A5A", "penwidth": "2.6"},
 }
 CLUSTER_FILLS = ("#F4F4F4", "#E9E9E9")
-# Above this many drawn nodes, dot's x-positioning (network simplex) gets an iteration limit:
-# 5x faster on an op-level YOLOv9-e (1,400 nodes), and the layout stays as readable.
+# Above this many drawn nodes, chains of operations are folded into one box each (``fold_chains``)
+# and dot gets iteration limits: x-positioning (network simplex, ``nslimit``: iterations per node)
+# and crossing minimisation (``mclimit``: a factor on its passes). Measured on an op-level YOLOv9-e
+# overlay (1,400 nodes, 900 ranks, 7,600 virtual nodes for its long skip connections), dot -Tsvg
+# CPU seconds in one run: 2.6 with nslimit=2, backbone/head boxes and one box per node; 0.75 with
+# these limits and a box per layer (which keeps the long edges out of the layers; with the three
+# big boxes only, a low nslimit makes spline routing slower instead); 0.32 with chains folded too
+# (570 boxes, 330 ranks; nslimit 0.2 to 2 then makes little difference). Its layer-level drawing:
+# 0.04. The layout stays as readable: the spine hints straighten the main chain anyway.
 LARGE_GRAPH_NODES = 300
+LARGE_GRAPH_LAYOUT = {"nslimit": "0.2", "mclimit": "0.5"}
 LEFT = "\u2190"
 
 
@@ -134,14 +149,18 @@ class Drawing:
 
     ``graph`` is the underlying :class:`graphviz.Digraph` (change its attributes freely
     before saving). ``statuses`` maps every drawn node id to its status (``None`` for
-    plain drawings); ``clusters`` maps every drawn node id to its cluster path.
+    plain drawings); ``clusters`` maps every drawn node id to its cluster path;
+    ``chains`` maps the id of every box that lists a chain of nodes (``fold_chains``)
+    to the ids of those nodes, in order (they are in ``statuses`` and ``clusters`` too).
     """
 
     def __init__(self, graph: graphviz.Digraph, statuses: Mapping[str, str | None] | None = None,
-                 clusters: Mapping[str, tuple[str, ...]] | None = None):
+                 clusters: Mapping[str, tuple[str, ...]] | None = None,
+                 chains: Mapping[str, Sequence[str]] | None = None):
         self.graph = graph
         self.statuses = dict(statuses or {})
         self.clusters = dict(clusters or {})
+        self.chains = {box: list(members) for box, members in (chains or {}).items()}
 
     @property
     def source(self) -> str:
@@ -263,17 +282,20 @@ class _Picture:
 def _picture_of_graph(gm: fx.GraphModule, status: Mapping[str, str] | None, edge_shapes: bool,
                       shapes: bool) -> _Picture:
     pic = _Picture(module_classes=_module_classes(gm))
+    texts = _Texts()
     for node in gm.graph.nodes:
-        pic.nodes.append(_Node(node.name, node, node.op, _kind(node, gm), _shape_text(node) if shapes else None,
+        pic.nodes.append(_Node(node.name, node, node.op, texts.kind(node, gm), texts.shape(node) if shapes else None,
                                status.get(node.name, KEPT) if status is not None else None,
-                               _tooltip(node)))
+                               texts.tooltip(node)))
         for tail in node.all_input_nodes:
-            pic.edges.append(_Edge(tail.name, node.name, label=_shape_text(tail) if edge_shapes else None))
+            pic.edges.append(_Edge(tail.name, node.name, label=texts.shape(tail) if edge_shapes else None))
     return pic
 
 
-def _picture_of_rewrite(result: RewriteResult, view: str, shapes: bool, edge_shapes: bool) -> _Picture:
+def _picture_of_rewrite(result: RewriteResult, view: str, shapes: bool, edge_shapes: bool,
+                        texts: _Texts | None = None) -> _Picture:
     """The nodes and edges of ``view`` ("overlay", "before" or "after") with their statuses."""
+    texts = texts if texts is not None else _Texts()
     before, after = result.original, result.module
     old = {n.name: n for n in before.graph.nodes}
     new = {n.name: n for n in after.graph.nodes}
@@ -300,23 +322,23 @@ def _picture_of_rewrite(result: RewriteResult, view: str, shapes: bool, edge_sha
         o, n = old.get(name), new.get(name)
         node = n if (view == "after" or o is None) else o
         status = status_of(name)
-        kind = _kind(node, after if node is n else before)
+        kind = texts.kind(node, after if node is n else before)
         if status == REPLACED and o is not None and n is not None and view != "before":
-            old_kind, new_kind = _kind(o, before), _kind(n, after)
+            old_kind, new_kind = texts.kind(o, before), texts.kind(n, after)
             kind = new_kind if view == "after" or old_kind == new_kind else f"{old_kind} \u2192 {new_kind}"
         shape = None
         if shapes:
-            shape = _shape_text(node)
+            shape = texts.shape(node)
             if view == "overlay" and o is not None and n is not None:
-                old_shape, new_shape = _shape_text(o), _shape_text(n)
+                old_shape, new_shape = texts.shape(o), texts.shape(n)
                 if old_shape != new_shape and old_shape and new_shape:
                     shape = f"{old_shape} \u2192 {new_shape}"
-        pic.nodes.append(_Node(name, node, node.op, kind, shape, status, _tooltip(node, status)))
+        pic.nodes.append(_Node(name, node, node.op, kind, shape, status, texts.tooltip(node, status)))
     for (tail, head), edge_status in edges:
         label = None
         if edge_shapes:
             source = new.get(tail) if (view != "before" and tail in new) else old.get(tail)
-            label = _shape_text(source) if source is not None else None
+            label = texts.shape(source) if source is not None else None
         pic.edges.append(_Edge(tail, head, edge_status, label))
     return pic
 
@@ -390,7 +412,7 @@ def _shape_text(node: fx.Node, max_chars: int | None = 44) -> str | None:
     return text
 
 
-def _tooltip(node: fx.Node, status: str | None = None) -> str:
+def _tooltip(node: fx.Node, status: str | None = None, shape: str | None = "") -> str:
     prov = node.meta.get(META_KEY)
     lines = [f"{node.name} ({node.op})"]
     if node.op in ("call_module", "get_attr"):
@@ -401,12 +423,47 @@ def _tooltip(node: fx.Node, status: str | None = None) -> str:
             lines.append("from: " + ", ".join(prov.origins))
         if prov.rules:
             lines.append("rules: " + ", ".join(prov.rules))
-    shape = _shape_text(node, None)
+    if shape == "":  # not given: work it out
+        shape = _shape_text(node, None)
     if shape:
         lines.append(f"output: {shape}")
     if status is not None:
         lines.append(f"status: {status}")
     return "\n".join(lines)
+
+
+class _Texts:
+    """What is written about nodes (kind, shape, tooltip), computed once per node for a whole drawing:
+    an overlay asks for a node's shape up to four times (node, tooltip, edge labels, old vs new)."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[fx.Node, str | None] = {}
+        self._modules: dict[int, dict[str, str]] = {}  # id(GraphModule) -> module path -> class name
+
+    def full_shape(self, node: fx.Node) -> str | None:
+        try:
+            return self._shapes[node]
+        except KeyError:
+            text = self._shapes[node] = _shape_text(node, None)
+            return text
+
+    def shape(self, node: fx.Node, max_chars: int = 44) -> str | None:
+        text = self.full_shape(node)
+        if text and len(text) > max_chars:
+            text = text[:max_chars - 1].rstrip(", ") + "\u2026"
+        return text
+
+    def kind(self, node: fx.Node, gm: fx.GraphModule | None) -> str:
+        if node.op != "call_module" or gm is None:
+            return _kind(node, gm)
+        modules = self._modules.get(id(gm))
+        if modules is None:  # one walk over the modules instead of a get_submodule per node
+            modules = self._modules[id(gm)] = {name: type(m).__name__ for name, m in gm.named_modules()}
+        kind = modules.get(node.target) if isinstance(node.target, str) else None
+        return kind if kind is not None else _kind(node, gm)
+
+    def tooltip(self, node: fx.Node, status: str | None = None) -> str:
+        return _tooltip(node, status, self.full_shape(node))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,29 +594,76 @@ def _node_label(n: _Node, status_text: bool) -> str:
     return "<" + "<BR/>".join(rows) + ">"
 
 
-def _node_attrs(n: _Node, status_text: bool) -> dict[str, str]:
-    style = STATUS_STYLES.get(n.status or KEPT, STATUS_STYLES[KEPT])
-    styles = ["filled"]
-    if n.op in ("call_module", "placeholder", "output", "get_attr"):
-        styles.insert(0, "rounded")
-    if style.border_style:
-        styles.append(style.border_style)
-    attrs = {
-        "label": _node_label(n, status_text),
-        "shape": "note" if n.op == "get_attr" else "box",
-        "style": ",".join(styles),
-        "fillcolor": style.fill if n.op not in ("placeholder", "output") or n.status not in (None, KEPT) else "#FFF7D6",
-        "color": style.border,
-        "penwidth": f"{style.penwidth if n.op not in ('placeholder', 'output') else max(style.penwidth, 1.6):g}",
-        "tooltip": n.tooltip,
-        "class": " ".join(["fx-node", f"op-{n.op}"] + ([f"status-{n.status}"] if n.status else [])),
-    }
-    return attrs
+def _node_attrs(n: _Node, status_text: bool, group: str | None = None) -> str:
+    """The node's DOT attribute list (``label`` first, then sorted, as the graphviz package writes it)."""
+    before_group, after_group = _node_style(n.op, n.status)
+    group_text = f" group={_quote(group)}" if group else ""
+    return (f"label={_quote(_node_label(n, status_text))} {before_group}{group_text} {after_group} "
+            f"tooltip={_quote(n.tooltip)}")
+
+
+_NODE_STYLES: dict[tuple[str, str | None, StatusStyle], tuple[str, str]] = {}
+
+
+def _node_style(op: str, status: str | None) -> tuple[str, str]:
+    """The attributes every node of one kind (``op``) and status shares, as DOT text: those sorted
+    before ``group`` and those after (cached: a big graph has thousands of nodes)."""
+    style = STATUS_STYLES.get(status or KEPT, STATUS_STYLES[KEPT])
+    key = (op, status, style)  # the style too: STATUS_STYLES may be changed between drawings
+    if key not in _NODE_STYLES:
+        styles = ["filled"]
+        if op in ("call_module", "placeholder", "output", "get_attr"):
+            styles.insert(0, "rounded")
+        if style.border_style:
+            styles.append(style.border_style)
+        io = op in ("placeholder", "output")
+        attrs = {
+            "class": " ".join(["fx-node", f"op-{op}"] + ([f"status-{status}"] if status else [])),
+            "color": style.border,
+            "fillcolor": style.fill if not io or status not in (None, KEPT) else "#FFF7D6",
+            "penwidth": f"{style.penwidth if not io else max(style.penwidth, 1.6):g}",
+            "shape": "note" if op == "get_attr" else "box",
+            "style": ",".join(styles),
+        }
+        text = {k: f"{k}={_quote(v)}" for k, v in attrs.items()}
+        _NODE_STYLES[key] = (" ".join(text[k] for k in ("class", "color", "fillcolor")),
+                             " ".join(text[k] for k in ("penwidth", "shape", "style")))
+    return _NODE_STYLES[key]
+
+
+_PLAIN_ID = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*|-?(\.[0-9]+|[0-9]+(\.[0-9]*)?))$")
+_KEYWORDS = {"node", "edge", "graph", "digraph", "subgraph", "strict"}
+
+
+def _quote(value: str) -> str:
+    """``graphviz.quoting.quote`` (same text), with fast paths for the common cases."""
+    if value.startswith("<"):  # an HTML-like label
+        return value if value.endswith(">") else _graphviz_quote(value)
+    if _PLAIN_ID.match(value):
+        return value if value.lower() not in _KEYWORDS else f'"{value}"'
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return _graphviz_quote(value)
+
+
+def _a_list(attrs: Mapping[str, str]) -> str:
+    """``key=value ...`` as the graphviz package writes it: ``label`` first, then sorted, values quoted."""
+    label = attrs.get("label")
+    parts = [f"label={_quote(label)}"] if label is not None else []
+    parts += [f"{k}={_quote(v)}" for k, v in sorted(attrs.items()) if k != "label" and v is not None]
+    return " ".join(parts)
 
 
 def _emit_picture(g: graphviz.Digraph, pic: _Picture, *, prefix: str, clusters: Clusters, status_text: bool,
-                  cluster_ids: list[int]) -> dict[str, tuple[str, ...]]:
-    """Add ``pic``'s nodes (grouped into clusters) and edges to ``g``; node ids are ``prefix + name``."""
+                  cluster_ids: list[int], fold: bool = False,
+                  chains: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Add ``pic``'s nodes (grouped into clusters) and edges to ``g``; node ids are ``prefix + name``.
+
+    With ``fold``, each chain of operations (see :func:`_chains`) is drawn as one box listing them,
+    whose id is its first node's; ``chains`` then receives box id -> the ids of the nodes it lists.
+    The DOT lines are written straight into the graphs' bodies (what ``Digraph.node`` / ``.edge``
+    would write, without their per-call overhead: a big graph has thousands of nodes and edges).
+    """
     paths = _cluster_paths(pic.nodes, clusters)
     automatic = clusters is None or clusters is True or isinstance(clusters, int)
     io = {n.name for n in pic.nodes if n.op in ("placeholder", "output")}
@@ -567,14 +671,27 @@ def _emit_picture(g: graphviz.Digraph, pic: _Picture, *, prefix: str, clusters: 
     by_name = {n.name: n for n in pic.nodes}
     spine, spine_edges = _spine(pic)
     placed: dict[str, tuple[str, ...]] = {}
+    folded = _chains(pic, paths) if fold else {}
+    drawn_as = {m.name: head for head, members in folded.items() for m in members}  # node -> its box
+    if chains is not None:
+        chains.update({prefix + head: [prefix + m.name for m in members] for head, members in folded.items()})
+    ids = {n.name: _quote(prefix + n.name) for n in pic.nodes}
+    spine_group = f"{prefix}spine"
 
     def add_nodes(sub: graphviz.Digraph, box: _Box, depth: int) -> None:
+        lines = sub.body
         for name in box.nodes:
-            attrs = _node_attrs(by_name[name], status_text)
-            if name in spine:
-                attrs["group"] = f"{prefix}spine"
-            sub.node(prefix + name, **attrs)
             placed[prefix + name] = box.key
+            head = drawn_as.get(name)
+            if head is None:
+                attrs = _node_attrs(by_name[name], status_text, spine_group if name in spine else None)
+            elif head == name:
+                members = folded[name]
+                on_spine = any(m.name in spine for m in members)
+                attrs = _chain_attrs(members, status_text, spine_group if on_spine else None)
+            else:  # drawn in its chain's box
+                continue
+            lines.append(f"\t{ids[name]} [{attrs}]\n")
         for key, child in box.boxes.items():
             cluster_ids[0] += 1
             with sub.subgraph(name=f"cluster_{cluster_ids[0]}") as c:
@@ -586,19 +703,105 @@ def _emit_picture(g: graphviz.Digraph, pic: _Picture, *, prefix: str, clusters: 
                 add_nodes(c, child, depth + 1)
 
     add_nodes(g, tree, 0)
+    edge_attrs: dict[tuple[str, bool], str] = {}
     for e in pic.edges:
-        attrs = dict(EDGE_STYLES[e.status])
-        attrs["class"] = f"fx-edge edge-{e.status}"
-        if (e.tail, e.head) in spine_edges:
-            attrs["weight"] = "8"
+        tail, head = drawn_as.get(e.tail, e.tail), drawn_as.get(e.head, e.head)
+        if tail == head and e.tail != e.head:  # inside a chain: the box lists the nodes in order
+            continue
+        spine_edge = (e.tail, e.head) in spine_edges
         if e.label:
-            attrs.update(label=f" {e.label}", fontsize="8", fontcolor=MUTED, fontname=FONT)
-        g.edge(prefix + e.tail, prefix + e.head, **attrs)
+            attrs = dict(EDGE_STYLES[e.status], label=f" {e.label}", fontsize="8", fontcolor=MUTED, fontname=FONT)
+            attrs["class"] = f"fx-edge edge-{e.status}"
+            if spine_edge:
+                attrs["weight"] = "8"
+            text = _a_list(attrs)
+        else:
+            text = edge_attrs.get((e.status, spine_edge))
+            if text is None:
+                attrs = dict(EDGE_STYLES[e.status])
+                attrs["class"] = f"fx-edge edge-{e.status}"
+                if spine_edge:
+                    attrs["weight"] = "8"
+                text = edge_attrs[e.status, spine_edge] = _a_list(attrs)
+        g.body.append(f"\t{ids.get(tail) or _quote(prefix + tail)} -> "
+                      f"{ids.get(head) or _quote(prefix + head)} [{text}]\n")
     return placed
 
 
+_UNFOLDED_OPS = ("placeholder", "output", "get_attr")
+
+
+def _chains(pic: _Picture, paths: Mapping[str, tuple[str, ...]]) -> dict[str, list[_Node]]:
+    """Chains of operations that run one after the other: first node's name -> the nodes, in order.
+
+    Two nodes are chained when the first's output goes only to the second and the second
+    reads only the first (so no edge enters or leaves the chain midway), both have the same
+    status and the same box, and the edge between them says nothing their status does not
+    (kept; dropped between pruned or removed nodes; added between new ones); inputs, outputs
+    and attributes are never chained. A conv -> batch norm -> activation block is one chain.
+    """
+    by_name = {n.name: n for n in pic.nodes}
+    outs: dict[str, int] = {}
+    ins: dict[str, int] = {}
+    for e in pic.edges:
+        outs[e.tail] = outs.get(e.tail, 0) + 1
+        ins[e.head] = ins.get(e.head, 0) + 1
+    following: dict[str, str] = {}
+    for e in pic.edges:
+        t, h = by_name.get(e.tail), by_name.get(e.head)
+        if (t is not None and h is not None and t is not h and _implied(e.status, t.status)
+                and outs[e.tail] == 1 and ins[e.head] == 1 and t.status == h.status
+                and t.op not in _UNFOLDED_OPS and h.op not in _UNFOLDED_OPS
+                and paths.get(t.name, ()) == paths.get(h.name, ())):
+            following[t.name] = h.name
+    preceded = set(following.values())
+    chains: dict[str, list[_Node]] = {}
+    for n in pic.nodes:
+        if n.name in following and n.name not in preceded:
+            members, name = [n], n.name
+            while name in following:
+                name = following[name]
+                members.append(by_name[name])
+            chains[n.name] = members
+    return chains
+
+
+def _implied(edge_status: str, node_status: str | None) -> bool:
+    """Whether an edge between two nodes of ``node_status`` looks as their statuses say it must."""
+    if edge_status == EDGE_KEPT:
+        return True
+    if edge_status == EDGE_DROPPED:
+        return node_status in (PRUNED, REMOVED)
+    return edge_status == EDGE_ADDED and node_status == NEW
+
+
+def _chain_attrs(members: Sequence[_Node], status_text: bool, group: str | None) -> str:
+    """DOT attributes of a box listing a chain: one row per node (name and kind), its output shape
+    where it differs from the next node's, the status tag once."""
+    first = members[0]
+    rows = []
+    for i, n in enumerate(members):
+        text = f"<B>{_esc(n.name)}</B>"
+        if n.kind != n.name:
+            text += f'  <FONT POINT-SIZE="10">{_esc(n.kind)}</FONT>'
+        rows.append(f'<TR><TD ALIGN="LEFT">{text}</TD></TR>')
+        if n.shape and (i == len(members) - 1 or members[i + 1].shape != n.shape):
+            rows.append(f'<TR><TD ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="{MUTED}">{_esc(n.shape)}</FONT></TD></TR>')
+    if status_text and first.status and first.status != KEPT:
+        style = STATUS_STYLES.get(first.status)
+        rows.append(f'<TR><TD ALIGN="LEFT"><FONT POINT-SIZE="8" COLOR="{TEXT}"><I>'
+                    f'{_esc(style.tag if style else first.status)}</I></FONT></TD></TR>')
+    label = '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0" CELLPADDING="1">' + "".join(rows) + "</TABLE>>"
+    ops = {n.op for n in members}
+    before_group, after_group = _node_style(ops.pop() if len(ops) == 1 else "call_function", first.status)
+    before_group = before_group.replace('class="fx-node ', 'class="fx-node fx-chain ', 1)
+    group_text = f" group={_quote(group)}" if group else ""
+    tooltip = f"{len(members)} operations, one after the other:\n\n" + "\n\n".join(n.tooltip for n in members)
+    return f"label={label} {before_group}{group_text} {after_group} tooltip={_quote(tooltip)}"
+
+
 def _spine(pic: _Picture) -> tuple[set[str], set[tuple[str, str]]]:
-    """The longest chain of surviving nodes, found with networkx.
+    """The longest chain of surviving nodes.
 
     Why: dot places each edge so as to minimise the sum of weight x length, so
     giving the edges of the longest path a high weight (and its nodes one
@@ -606,15 +809,51 @@ def _spine(pic: _Picture) -> tuple[set[str], set[tuple[str, str]]]:
     connections and side branches are routed around it instead of the main path
     zig-zagging between them. Dropped edges count little, so in an overlay the
     chain follows what survives the rewrite.
+
+    The same path as networkx's ``dag_longest_path(weight=...)`` on the same graph
+    (ties broken alike), in plain Python: this runs on every drawing.
     """
-    dag = nx.DiGraph()
-    dag.add_nodes_from(n.name for n in pic.nodes)
+    preds: dict[str, dict[str, float]] = {n.name: {} for n in pic.nodes}
+    succs: dict[str, dict[str, None]] = {n.name: {} for n in pic.nodes}
     for e in pic.edges:
-        dag.add_edge(e.tail, e.head, w=0.1 if e.status == EDGE_DROPPED else 1.0)
-    try:
-        path = nx.dag_longest_path(dag, weight="w")
-    except nx.NetworkXUnfeasible:  # a cycle (only possible in a hand-made overlay): no hints
+        for name in (e.tail, e.head):
+            if name not in preds:
+                preds[name], succs[name] = {}, {}
+        preds[e.head][e.tail] = 0.1 if e.status == EDGE_DROPPED else 1.0  # a repeated edge: the last one counts
+        succs[e.tail][e.head] = None
+    # Kahn's algorithm, generation by generation (networkx's topological order)
+    indegree = {v: len(p) for v, p in preds.items() if p}
+    generation = [v for v, p in preds.items() if not p]
+    order: list[str] = []
+    while generation:
+        order += generation
+        following = []
+        for v in generation:
+            for child in succs[v]:
+                indegree[child] -= 1
+                if not indegree[child]:
+                    following.append(child)
+                    del indegree[child]
+        generation = following
+    if indegree:  # a cycle (only possible in a hand-made overlay): no hints
         return set(), set()
+    if not order:
+        return set(), set()
+    dist: dict[str, tuple[float, str]] = {}
+    for v in order:
+        best = (0.0, v)
+        first = True
+        for u, w in preds[v].items():
+            length = dist[u][0] + w
+            if first or length > best[0]:
+                best, first = (length, u), False
+        dist[v] = best if best[0] >= 0 else (0.0, v)
+    v = max(dist, key=lambda x: dist[x][0])
+    path, u = [], None
+    while u != v:
+        path.append(v)
+        u, v = v, dist[v][1]
+    path.reverse()
     return set(path), set(zip(path, path[1:]))
 
 
@@ -627,7 +866,7 @@ def _cluster_label(key: tuple[str, ...], classes: Mapping[str, str]) -> str:
 
 
 def _legend(title: str | None, counts: Mapping[str, int] | None, subtitle: str | None,
-            edges: Iterable[str] = ()) -> str | None:
+            edges: Iterable[str] = (), note: str | None = None) -> str | None:
     """An HTML-like label: the title, then one swatch per status (with its count) and the edge styles."""
     rows = []
     if title:
@@ -653,6 +892,9 @@ def _legend(title: str | None, counts: Mapping[str, int] | None, subtitle: str |
                 edge_cells.append(f'<TD CELLPADDING="4"><FONT POINT-SIZE="10" COLOR="{color}">{names[e]}</FONT></TD>')
         rows.append('<TR><TD ALIGN="LEFT" CELLPADDING="4"><FONT POINT-SIZE="10"><B>legend</B></FONT></TD>'
                     + "".join(cells) + "".join(edge_cells) + "</TR>")
+    if note:
+        rows.append(f'<TR><TD ALIGN="LEFT" COLSPAN="20"><FONT POINT-SIZE="10" COLOR="{MUTED}"><I>{_esc(note)}</I>'
+                    f'</FONT></TD></TR>')
     if not rows:
         return None
     return ('<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="4" CELLPADDING="0">'
@@ -744,7 +986,7 @@ def _finish(g: graphviz.Digraph, body: Callable[[graphviz.Digraph], None], table
             n_nodes: int) -> None:
     """Add the drawing's body to ``g``, inside a frameless box whose label (at the bottom) is ``table``."""
     if n_nodes > LARGE_GRAPH_NODES:
-        g.attr(nslimit="2")
+        g.attr(**LARGE_GRAPH_LAYOUT)
     if table is None:
         body(g)
         return
@@ -757,7 +999,8 @@ def _finish(g: graphviz.Digraph, body: Callable[[graphviz.Digraph], None], table
 def draw_graph(gm: fx.GraphModule, *, clusters: Clusters = None, title: str | None = None, shapes: bool = True,
                edge_shapes: bool = False, param_table: bool | str = False, rankdir: str = "TB",
                status: Mapping[str, str] | None = None, status_text: bool = True,
-               show_unused_inputs: bool = False, max_table_rows: int = 80) -> Drawing:
+               show_unused_inputs: bool = False, max_table_rows: int = 80,
+               fold_chains: bool | None = None) -> Drawing:
     """Draw a traced GraphModule, one box per node, at the granularity it was traced at.
 
     ``clusters`` groups nodes into boxes: ``None`` groups by module path at the
@@ -770,15 +1013,21 @@ def draw_graph(gm: fx.GraphModule, *, clusters: Clusters = None, title: str | No
     one row per module); ``shapes`` / ``edge_shapes`` write output shapes in nodes / on
     edges; ``rankdir`` is Graphviz's flow direction (``"TB"``, ``"LR"``...); inputs
     nothing uses are left out unless ``show_unused_inputs``.
+
+    ``fold_chains`` draws each chain of operations that run one after the other (each
+    the only reader of the previous one's output, same box, same status; a conv ->
+    batch norm -> activation block) as one box listing them in order, with the shape
+    where it changes. ``None`` (the default) folds graphs of more than
+    :data:`LARGE_GRAPH_NODES` nodes (an op-level trace of a big model: half the boxes
+    and ranks, so the picture is shorter and dot lays it out several times faster),
+    and the drawing says so under its title; ``False`` draws one box per node always.
     """
     pic = _picture_of_graph(gm, status, edge_shapes, shapes)
     if not show_unused_inputs:
         pic = _without_unused_inputs(pic)
     g = _new_digraph(type(gm).__name__, rankdir)
     counts = _counts(pic) if status is not None else None
-    label = _legend(title, counts, None)
-    if label:
-        g.attr(label=label)
+    fold = _should_fold(fold_chains, len(pic.nodes))
     table = None
     if param_table:
         tensors = dict(named_tensors(gm))
@@ -786,19 +1035,24 @@ def draw_graph(gm: fx.GraphModule, *, clusters: Clusters = None, title: str | No
                           _table_mode(param_table))
         table = _param_table(rows, max_table_rows, "parameters and buffers", with_origin=False)
     placed: dict[str, tuple[str, ...]] = {}
+    chains: dict[str, list[str]] = {}
 
     def body(sub: graphviz.Digraph) -> None:
         placed.update(_emit_picture(sub, pic, prefix="", clusters=clusters, status_text=status_text,
-                                    cluster_ids=[0]))
+                                    cluster_ids=[0], fold=fold, chains=chains))
 
     _finish(g, body, table, len(pic.nodes))
-    return Drawing(g, {n.name: n.status for n in pic.nodes}, placed)
+    label = _legend(title, counts, None, note=_fold_note(chains))
+    if label:
+        g.attr(label=label)
+    return Drawing(g, {n.name: n.status for n in pic.nodes}, placed, chains)
 
 
 def draw_rewrite(result: RewriteResult, *, view: str = "overlay", clusters: Clusters = None,
                  title: str | None = None, shapes: bool = True, edge_shapes: bool = False,
                  param_table: bool | str = False, rankdir: str = "TB", status_text: bool = True,
-                 show_unused_inputs: bool = False, max_table_rows: int = 80) -> Drawing:
+                 show_unused_inputs: bool = False, max_table_rows: int = 80,
+                 fold_chains: bool | None = None) -> Drawing:
     """Draw a rewrite: ``view`` is ``"overlay"`` (original graph coloured by status, plus new nodes;
     alias ``"diff"``), ``"before"``, ``"after"`` or ``"side_by_side"``.
 
@@ -809,7 +1063,9 @@ def draw_rewrite(result: RewriteResult, *, view: str = "overlay", clusters: Clus
     map (new name <- original name, shape) under the drawing, one row per tensor
     (``True``/``"tensor"``) or per module (``"module"``), at most ``max_table_rows`` rows;
     ``status_text`` writes the status in each changed node so that colour is not the
-    only cue; ``rankdir`` and ``show_unused_inputs`` as in :func:`draw_graph`.
+    only cue; ``rankdir``, ``show_unused_inputs`` and ``fold_chains`` (a chain of
+    operations as one box, by default in graphs of more than :data:`LARGE_GRAPH_NODES`
+    nodes) as in :func:`draw_graph`.
 
     The drawing's :attr:`Drawing.statuses` maps every drawn node id to its status
     (ids are node names, prefixed ``before/`` / ``after/`` side by side) and
@@ -829,9 +1085,13 @@ def draw_rewrite(result: RewriteResult, *, view: str = "overlay", clusters: Clus
     statuses: dict[str, str | None] = {}
     placed: dict[str, tuple[str, ...]] = {}
     views = ("before", "after") if view == "side_by_side" else (view,)
-    pictures = {v: _picture_of_rewrite(result, v, shapes, edge_shapes) for v in views}
+    texts = _Texts()
+    pictures = {v: _picture_of_rewrite(result, v, shapes, edge_shapes, texts) for v in views}
     if not show_unused_inputs:
         pictures = {v: _without_unused_inputs(pic) for v, pic in pictures.items()}
+    n_nodes = sum(len(pic.nodes) for pic in pictures.values())
+    fold = _should_fold(fold_chains, n_nodes)
+    chains: dict[str, list[str]] = {}
 
     def body(sub: graphviz.Digraph) -> None:
         ids = [0]
@@ -847,15 +1107,15 @@ def draw_rewrite(result: RewriteResult, *, view: str = "overlay", clusters: Clus
                            color="#8C8C8C", penwidth="1.2", margin="12", peripheries="1", fontsize="11",
                            **{"class": f"fx-view view-{v}"})
                     placed.update(_emit_picture(c, pic, prefix=prefix, clusters=clusters, status_text=status_text,
-                                                cluster_ids=ids))
+                                                cluster_ids=ids, fold=fold, chains=chains))
             else:
                 placed.update(_emit_picture(sub, pic, prefix=prefix, clusters=clusters, status_text=status_text,
-                                            cluster_ids=ids))
+                                            cluster_ids=ids, fold=fold, chains=chains))
         for v in views:
             prefix = f"{v}/" if view == "side_by_side" else ""
             statuses.update({prefix + n.name: n.status for n in pictures[v].nodes})
 
-    _finish(g, body, table, sum(len(pic.nodes) for pic in pictures.values()))
+    _finish(g, body, table, n_nodes)
     # the legend counts what happened to the original nodes (and the new ones), whatever the view
     counts = {s: len(result.nodes_with_status(s)) for s in LEGEND_ORDER}
     if title is None:
@@ -866,9 +1126,26 @@ def draw_rewrite(result: RewriteResult, *, view: str = "overlay", clusters: Clus
     else:
         subtitle = None
     edge_kinds = {e.status for pic in pictures.values() for e in pic.edges}
-    label = _legend(title or None, counts, subtitle, [k for k in (EDGE_DROPPED, EDGE_ADDED) if k in edge_kinds])
+    label = _legend(title or None, counts, subtitle, [k for k in (EDGE_DROPPED, EDGE_ADDED) if k in edge_kinds],
+                    note=_fold_note(chains))
     g.attr(label=label)
-    return Drawing(g, statuses, placed)
+    return Drawing(g, statuses, placed, chains)
+
+
+def _should_fold(fold_chains: bool | None, n_nodes: int) -> bool:
+    if fold_chains is None:
+        return n_nodes > LARGE_GRAPH_NODES
+    if not isinstance(fold_chains, bool):
+        raise ValueError(f"fold_chains must be True, False or None (automatic), not {fold_chains!r}")
+    return fold_chains
+
+
+def _fold_note(chains: Mapping[str, Sequence[str]]) -> str | None:
+    if not chains:
+        return None
+    n = sum(len(members) for members in chains.values())
+    return (f"{n} nodes in chains (each the only reader of the previous one) are drawn as {len(chains)} boxes "
+            f"listing them in order; fold_chains=False draws one box per node")
 
 
 _VIEW_TITLES = {"overlay": "rewrite (original graph, changes marked)", "before": "before the rewrite",

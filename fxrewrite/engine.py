@@ -37,7 +37,7 @@ from .errors import RewriteError
 from .pattern import Match, input_nodes
 from .provenance import derive, mark_changed
 from .rules import Rule, RuleSet
-from .shapes import EXAMPLE_INPUTS_META, propagate_shapes, shape_tree
+from .shapes import EXAMPLE_INPUTS_META, VALUES_META, propagate_shapes, shape_tree
 from .tensors import bind_tensor, named_tensors
 from .tracing import TRACE_META
 
@@ -127,6 +127,10 @@ class RewriteContext:
 
     def __init__(self, gm: fx.GraphModule):
         self.graph, self._val_map = copy_graph(gm.graph)
+        # Node values from the last shape propagation, and what each node computed when the
+        # current rule started: validation re-runs only what the rule changed (see _validate).
+        self.values: dict[str, Any] = {}
+        self.signatures: dict[str, tuple] = {}
         self.original_names = [n.name for n in gm.graph.nodes]
         self.modules: dict[str, Any] = {}
         self.param_origin: dict[str, Origin] = {}  # current tensor name -> its origin (see RewriteResult)
@@ -139,6 +143,7 @@ class RewriteContext:
                 elif isinstance(value, torch.Tensor):
                     self.param_origin[node.target] = node.target
         self.status: dict[str, str] = {}
+        self.marked: set[str] = set()  # nodes marked by the current rule (a node replaced twice stays "replaced")
         self.changes = 0
         self.actions_run = 0  # calls of actions: one that edited the graph without counting is validated too
         self.rule: Rule | None = None
@@ -194,6 +199,7 @@ class RewriteContext:
     # -- edits ----------------------------------------------------------------
     def mark(self, node: fx.Node, status: str) -> None:
         """Record what happened to ``node`` (by name) and count a change."""
+        self.marked.add(node.name)
         if node.name in self.status and self.status[node.name] == NEW and status in (PRUNED, REMOVED, COLLAPSED):
             del self.status[node.name]  # created and gone again within this rewrite
         else:
@@ -319,12 +325,18 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
         rules = RuleSet(list(rules))
     ctx = RewriteContext(gm)
     example = gm.meta.get(EXAMPLE_INPUTS_META) if check_shapes else None
+    ctx.values = dict(gm.meta.get(VALUES_META) or {}) if example is not None else {}
     logs = []
     for rule in rules:
         ctx.rule, ctx.log = rule, RuleLog(rule.name, rule.action)
         logs.append(ctx.log)
         before, acted = ctx.changes, ctx.actions_run
         touched_before = dict(ctx.status)
+        ctx.signatures = _signatures(ctx) if example is not None else {}
+        ctx.marked = set()
+        # Validating the previous rule built a probe module that now owns the graph; an action adding
+        # a call_module node for a module only ctx.modules has would be refused by fx against it.
+        ctx.graph.owning_module = None
         _apply_rule(ctx, rule, rules.max_iterations)
         if ctx.changes != before or ctx.actions_run != acted:
             _validate(ctx, rule, gm, example, touched_before)
@@ -332,7 +344,32 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
     # Shapes on the nodes are current: the trace propagated them, and so did every
     # validation after a rule that could change them.
     result_gm = ctx.build(gm)
+    if ctx.values:
+        result_gm.meta[VALUES_META] = ctx.values
     return RewriteResult(result_gm, gm, logs, _param_map(ctx, result_gm), _node_status(ctx, result_gm))
+
+
+def _signature(ctx: "RewriteContext", node: fx.Node) -> tuple:
+    """What a node computes, as far as a rule can change it: its operation, target, inputs, and
+    the module object it calls (``replace`` swaps the module behind an unchanged target)."""
+    inputs = map_arg((node.args, node.kwargs), lambda n: n.name)
+    module = id(ctx.modules.get(node.target)) if node.op in ("call_module", "get_attr") else None
+    return node.op, str(node.target), repr(inputs), module
+
+
+def _signatures(ctx: "RewriteContext") -> dict[str, tuple]:
+    return {node.name: _signature(ctx, node) for node in ctx.graph.nodes}
+
+
+def _unchanged_values(ctx: "RewriteContext") -> dict[str, Any]:
+    """Cached values of the nodes whose computation this rule changed neither directly nor upstream
+    (actions never modify modules in place, so an unchanged signature means an unchanged value)."""
+    affected: set[str] = set()
+    for node in ctx.graph.nodes:
+        if node.name not in ctx.values or ctx.signatures.get(node.name) != _signature(ctx, node) \
+                or any(i.name in affected for i in node.all_input_nodes):
+            affected.add(node.name)
+    return {name: value for name, value in ctx.values.items() if name not in affected}
 
 
 def _apply_rule(ctx: RewriteContext, rule: Rule, max_iterations: int) -> None:
@@ -366,7 +403,14 @@ def _rejection(ctx: RewriteContext, rule: Rule, match: Match) -> str | None:
         spec = registry.check(check.name)
         args = ctx.resolve(list(check.args), match)
         kwargs = ctx.resolve(dict(check.kwargs), match)
-        reason = spec.fn(ctx, match, *args, **kwargs)
+        try:
+            reason = spec.fn(ctx, match, *args, **kwargs)
+        except RewriteError:
+            raise
+        except Exception as exc:  # wrong argument types, a bug in a user check: refuse, naming rule and node
+            first = str(exc).strip().splitlines()
+            raise RewriteError(rule.name, f"check {check.name!r} failed on {match.root.name}: {type(exc).__name__}"
+                                          + (f": {first[0]}" if first else "")) from exc
         if reason:
             return f"{check.name}: {reason}"
     return None
@@ -434,12 +478,14 @@ def _validate(ctx: RewriteContext, rule: Rule, original: fx.GraphModule, example
     old_shapes = {n.name: shape_tree(n) for n in ctx.graph.nodes if n.op not in ("output",)}
     probe = ctx.build(original)
     try:
-        propagate_shapes(probe, *example)
+        # Only what the rule changed, and what is downstream of it, is run again.
+        propagate_shapes(probe, *example, known=_unchanged_values(ctx))
+        ctx.values = probe.meta.get(VALUES_META) or {}
     except Exception as exc:
         message = str(exc).strip().splitlines()
         raise RewriteError(rule.name, "shape propagation failed on the rewritten graph: "
                                       + (" ".join(message[:3]) or type(exc).__name__)) from None
-    changed_now = {name for name, s in ctx.status.items() if touched_before.get(name) != s}
+    changed_now = {name for name, s in ctx.status.items() if touched_before.get(name) != s} | ctx.marked
     for node in ctx.graph.nodes:
         if node.op == "output" or node.name in changed_now:
             continue

@@ -30,6 +30,7 @@ all of them are collected and raised together as one
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ import yaml
 
 from . import registry
 from .errors import RuleFileError, RuleProblem
+from .safe_yaml import MAX_TEXT_CHARS, GuardedLoader, YamlTooLarge, guarded_load
 from .pattern import OPS, Count, Pattern
-from .rules import MODES, Check, Rule, RuleSet
+from .rules import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, MODES, Check, Rule, RuleSet
 
 FILE_KEYS = {"rules", "plugins", "max_iterations", "description"}
 RULE_KEYS = {"name", "description", "pattern", "checks", "action", "args", "mode"}
@@ -58,8 +60,8 @@ class _Seq(list):
     item_lines: list
 
 
-class _Loader(yaml.SafeLoader):
-    """A safe loader (no arbitrary objects) whose mappings and lists carry line numbers."""
+class _Loader(GuardedLoader):
+    """A safe loader (no arbitrary objects, bounded nesting) whose mappings and lists carry line numbers."""
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
@@ -68,6 +70,9 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     result.line, result.key_lines = node.start_mark.line + 1, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(None, None, f"{_kind(key)} cannot be a mapping key",
+                                                    key_node.start_mark)
         if key in result:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         result[key] = loader.construct_object(value_node, deep=True)
@@ -97,31 +102,44 @@ def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
     text (anything containing a newline). ``name`` labels text in error messages.
     """
     text, label = _read(source, name)
+    if len(text) > MAX_TEXT_CHARS:
+        raise RuleFileError([RuleProblem(label, None, None, f"too large for a rule file ({len(text):,} characters; "
+                                                            f"the limit is {MAX_TEXT_CHARS:,})")])
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = guarded_load(text, _Loader)
+    except YamlTooLarge as exc:
+        raise RuleFileError([RuleProblem(label, exc.line, None,
+                                         f"refused: {exc.problem}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         raise RuleFileError([RuleProblem(label, mark.line + 1 if mark else None, None,
                                          f"not valid YAML: {problem}")]) from None
+    except (ValueError, OverflowError) as exc:
+        # Scalars PyYAML resolves but cannot build: 2001-02-30 (a date), an integer of 5000 digits...
+        first = str(exc).strip().splitlines()
+        raise RuleFileError([RuleProblem(label, None, None, "not valid YAML: a value cannot be read"
+                                         + (f" ({first[0]})" if first else ""))]) from None
     return _compile(data, label)
 
 
 def _read(source: str | Path, name: str | None) -> tuple[str, str]:
     if isinstance(source, str) and "\n" in source:
         return source, name or "<string>"
-    path = Path(source)
-    if not path.exists() and isinstance(source, str) and path.suffix == "":
-        shipped = shipped_rules_dir() / f"{source}.yaml"
-        if shipped.exists():
-            path = shipped
     label = name or str(source)
-    if not path.is_file():
-        raise RuleFileError([RuleProblem(label, None, None, "no such rule file" if not path.exists()
-                                         else "not a file")])
     try:
+        path = Path(source)
+        if not path.exists() and isinstance(source, str) and path.suffix == "":
+            shipped = shipped_rules_dir() / f"{source}.yaml"
+            if shipped.exists():
+                path = shipped
+        if not path.is_file():
+            raise RuleFileError([RuleProblem(label, None, None, "no such rule file" if not path.exists()
+                                             else "not a file")])
         return path.read_text(encoding="utf-8"), label
-    except (OSError, UnicodeDecodeError) as exc:
+    except RuleFileError:
+        raise
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, not UTF-8, unreadable...
         raise RuleFileError([RuleProblem(label, None, None, f"cannot read: {exc}")]) from None
 
 
@@ -154,10 +172,14 @@ class _Compiler:
                 registry.load_plugin(plugin)
             except Exception as exc:
                 self.error(data.key_lines.get("plugins"), None, f"cannot load plug-in {plugin!r}: {exc}")
-        max_iterations = data.get("max_iterations", 100)
+        max_iterations = data.get("max_iterations", DEFAULT_MAX_ITERATIONS)
         if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1:
             self.error(data.key_lines.get("max_iterations"), None, "'max_iterations' must be a positive integer")
-            max_iterations = 100
+            max_iterations = DEFAULT_MAX_ITERATIONS
+        elif max_iterations > MAX_ITERATIONS_LIMIT:
+            self.error(data.key_lines.get("max_iterations"), None, f"'max_iterations' must be at most "
+                                                                   f"{MAX_ITERATIONS_LIMIT}, not {max_iterations}")
+            max_iterations = DEFAULT_MAX_ITERATIONS
         rules_data = data.get("rules")
         if not isinstance(rules_data, list):
             self.error(data.key_lines.get("rules", data.line), None, "'rules' must be a list of rules")
@@ -230,8 +252,10 @@ class _Compiler:
                 else:
                     fields[key] = value
             elif key == "attrs":
-                if not isinstance(value, dict):
-                    self.error(at, rule, f"'attrs' must be a mapping of attribute names to values, not {_kind(value)}")
+                if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                    self.error(at, rule, "'attrs' must be a mapping of attribute names (strings) to values, not "
+                                         + (_kind(value) if not isinstance(value, dict) else
+                                            f"one with the key {next(k for k in value if not isinstance(k, str))!r}"))
                 else:
                     fields[key] = _plain(value)
             elif key in ("num_inputs", "num_users"):

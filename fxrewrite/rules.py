@@ -16,6 +16,7 @@ values the action provides (``$kept_inputs.channels`` in ``replace``).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -25,6 +26,8 @@ from .pattern import Pattern
 
 MODES = ("once", "fixed_point")
 DEFAULT_MAX_ITERATIONS = 100
+#: Largest ``max_iterations`` accepted: a fixed-point rule that never settles must stop in bounded time.
+MAX_ITERATIONS_LIMIT = 10_000
 # Names an action argument may refer to besides the pattern's captures.
 ACTION_VALUES = {"replace": ("kept_inputs",)}
 
@@ -79,9 +82,14 @@ class Rule:
         bound = set(self.pattern.captures()) if self.pattern else set()
         bound.add("root")
         for check in self.checks:
-            if registry.check(check.name) is None:
+            check_spec = registry.check(check.name)
+            if check_spec is None:
                 report(f"unknown check {check.name!r}; known checks: {', '.join(registry.check_names())}",
                        "checks", check.line)
+            else:
+                reason = _signature_problem(check_spec.fn, check.args, check.kwargs)
+                if reason:
+                    report(f"bad arguments for check {check.name!r}: {reason}", "checks", check.line)
             for ref in _references((check.args, dict(check.kwargs))):
                 if ref not in bound:
                     report(f"check {check.name!r} uses capture ${ref}, which the pattern never binds"
@@ -126,6 +134,10 @@ class RuleSet:
     def validate(self) -> None:
         """Raise :class:`RuleFileError` listing every problem; a valid set returns None."""
         problems: list[RuleProblem] = []
+        limit = self.max_iterations
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_ITERATIONS_LIMIT:
+            problems.append(RuleProblem(self.source, None, None, f"max_iterations must be an integer from 1 to "
+                                                                 f"{MAX_ITERATIONS_LIMIT}, not {limit!r}"))
         seen: dict[str, Rule] = {}
         for rule in self.rules:
             if rule.name in seen and seen[rule.name].file == rule.file:
@@ -155,6 +167,21 @@ def _argument_problems(spec: registry.ActionSpec, args: Mapping[str, Any]) -> li
         if param.required and key not in args:
             problems.append((key, f"action {spec.name!r} needs argument {key!r}"))
     return problems
+
+
+def _signature_problem(fn: Any, args: Sequence[Any], kwargs: Mapping[Any, Any]) -> str | None:
+    """Why ``fn(ctx, match, *args, **kwargs)`` cannot be called, or None (also when fn has no signature)."""
+    if not all(isinstance(k, str) for k in kwargs):
+        return f"argument names must be strings, not {next(k for k in kwargs if not isinstance(k, str))!r}"
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None, None, *args, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def _references(value: Any) -> Iterator[str]:

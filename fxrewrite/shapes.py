@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
@@ -22,6 +23,10 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 from .errors import FxRewriteError
 
 EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
+# The value of every node from the last propagation, kept (when small) so that a rewrite can
+# re-check shapes by recomputing only the nodes a rule changed and those downstream of them.
+VALUES_META = "fxrewrite.example_values"
+VALUES_LIMIT_BYTES = 64 * 2**20
 
 
 class ShapePropagationError(FxRewriteError, RuntimeError):
@@ -45,12 +50,15 @@ class _ShapeProp(ShapeProp):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.extra_traceback = False  # do not append the node and a traceback to the message
+        self.values: dict[str, Any] | None = {}  # node name -> value, while under VALUES_LIMIT_BYTES
+        self._bytes = 0
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = fx.Interpreter.run_node(self, n)
         except Exception as exc:
             raise ShapePropagationError(n, exc) from exc
+        self._keep(n, result)
         found = []
 
         def extract(obj: Any) -> Any:
@@ -65,15 +73,43 @@ class _ShapeProp(ShapeProp):
         n.meta["type"] = type(result)
         return result
 
+    def _keep(self, n: fx.Node, result: Any) -> None:
+        if self.values is None:
+            return
+        tensors = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+        self._bytes += sum(t.numel() * t.element_size() for t in tensors)
+        if self._bytes > VALUES_LIMIT_BYTES:
+            self.values = None  # too big to keep: later checks propagate the whole graph again
+        else:
+            self.values[n.name] = result
 
-def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any) -> Any:
+
+def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None) -> Any:
     """Run ``gm`` on ``example_inputs`` and store ``tensor_meta`` on every node; return the output.
 
-    A node that fails raises :class:`ShapePropagationError` naming it.
+    A node that fails raises :class:`ShapePropagationError` naming it. ``known``
+    (node name -> value) gives nodes whose value is not recomputed. The values of
+    all nodes are kept in ``gm.meta`` when they are small (see ``VALUES_META``).
+
+    Running the graph leaves the modules' buffers as they were: a BatchNorm in
+    training mode would otherwise update its running statistics, and the modules
+    are usually the caller's (a trace or a rewrite shares them).
     """
-    with torch.no_grad():
-        out = _ShapeProp(gm).propagate(*example_inputs)
+    buffers = {id(b): b for b in gm.buffers()}.values()
+    saved = [(b, b.clone()) for b in buffers]
+    prop = _ShapeProp(gm)
+    env = {n: known[n.name] for n in gm.graph.nodes if known and n.name in known and n.op != "output"}
+    try:
+        with torch.no_grad():
+            out = prop.run(*example_inputs, initial_env=env or None)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
     gm.meta[EXAMPLE_INPUTS_META] = example_inputs
+    if prop.values is not None:
+        prop.values.update({name: value for name, value in (known or {}).items() if name not in prop.values})
+    gm.meta[VALUES_META] = prop.values
     return out
 
 

@@ -37,9 +37,10 @@ def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list |
     output = ctx.output_node()
     selected = [] if outputs is None else [_at(ctx, output.args[0], p) for p in outputs]
     if ctx.rule.pattern is not None:
-        if not matches:
+        roots = [m.root for m in matches if m.root.op != "output"]  # the output node cannot output itself
+        if not roots:
             raise RewriteError(ctx.rule.name, "no node matched the output pattern; refusing to prune everything")
-        selected += [m.root for m in matches]
+        selected += roots
     if selected:
         new_value = selected[0] if len(selected) == 1 else tuple(selected)
         if new_value != output.args[0]:

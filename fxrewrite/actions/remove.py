@@ -19,6 +19,11 @@ from ..registry import Param, register_action
 }, doc="Delete the node; with cascade, its transitive users too (outputs that used them are dropped).")
 def remove(ctx: RewriteContext, match: Match, node: str = "$root", cascade: bool = False) -> None:
     target = ctx.resolve(node, match)
+    if not isinstance(target, fx.Node):
+        raise RewriteError(ctx.rule.name, f"{node} is not a node of the graph")
+    if target.op in ("placeholder", "output"):  # the model's signature stays as it is
+        raise RewriteError(ctx.rule.name, f"cannot remove {target.name}: it is the model's "
+                                          f"{'input' if target.op == 'placeholder' else 'output'} node")
     users = [u for u in target.users]
     if users and not cascade:
         raise RewriteError(ctx.rule.name, f"cannot remove {target.name}: still used by "

@@ -12,7 +12,10 @@ Arguments:
   ``$kept_inputs.shapes``; ``$kept_inputs.count``);
 * ``params``: parameter-name prefixes, old -> new (``{cv4: cv2}``): the new
   module's tensor ``cv2.0.weight`` *is* the old ``cv4.0.weight`` (shared, shape
-  checked); a name no prefix maps keeps its own name;
+  checked); a name no prefix maps keeps its own name; the longest matching new
+  prefix wins, so ModuleList levels can be renumbered (``{cv2.1: cv2.0, cv2.2: cv2.1}``).
+  A submodule whose tensors all come from one old submodule of the same class
+  also takes its plain settings (a BatchNorm's ``eps`` and ``momentum``...);
 * ``copy_attrs``: attributes copied from the old module (``[stride]``);
 * ``strict`` (default true): every tensor of the new module must have a source.
 
@@ -70,6 +73,7 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
         raise RewriteError(rule, f"cannot build {cls.__name__}({_show(ctor_args)}): {exc}") from None
     new.train(old.training)
     sources = _bind(new, old, params or {}, strict, rule)
+    _copy_settings(new, old, sources)
     taken = set(sources.values())
     ctx.log.dropped += [ctx.param_origin.get(f"{target.target}.{name}") or f"{target.target}.{name}"
                         for name, _ in named_tensors(old) if name not in taken]
@@ -133,6 +137,34 @@ def _bind(new: nn.Module, old: nn.Module, prefixes: dict, strict: bool, rule: st
         else:
             sources[name] = None
     return sources
+
+
+# Plain values a re-bound submodule takes from the one its tensors come from (eps, momentum, padding...).
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _copy_settings(new: nn.Module, old: nn.Module, sources: dict) -> None:
+    """Configure each submodule of ``new`` whose tensors all come from one submodule of ``old``
+    of the same class like that one: a re-bound BatchNorm keeps the old ``eps`` and ``momentum``
+    (a model builder may have changed them after construction), a convolution its padding.
+
+    Only plain values (numbers, strings, booleans, tuples, None) the new submodule also has are
+    copied; the replaced module itself (the root) keeps what its constructor set.
+    """
+    owners: dict[str, set] = {}
+    for new_name, old_name in sources.items():
+        owner = new_name.rpartition(".")[0]
+        owners.setdefault(owner, set()).add(None if old_name is None else old_name.rpartition(".")[0])
+    for owner, old_owners in owners.items():
+        if not owner or len(old_owners) != 1 or None in old_owners:
+            continue
+        target, source = new.get_submodule(owner), old.get_submodule(next(iter(old_owners)))
+        if type(target) is not type(source):
+            continue
+        for key, value in vars(source).items():
+            if not key.startswith("_") and key != "training" and key in vars(target) \
+                    and isinstance(value, _SETTING_TYPES):
+                setattr(target, key, value)
 
 
 def _source_name(name: str, renames: list[tuple[str, str]]) -> str:

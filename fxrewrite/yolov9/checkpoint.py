@@ -32,7 +32,7 @@ import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 from torch import nn
@@ -210,7 +210,9 @@ def _explain_unpickling_error(exc: Exception, shown: str) -> CheckpointError:
             f"{shown}: refused to load: the pickle references {name}, which is not allowed in a "
             "YOLOv9 checkpoint; nothing from the file was executed"
         )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    # torch wraps the reason in a preamble about weights_only: report the reason itself
+    reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    first = reason.group(1).strip() if reason else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return CheckpointError(f"{shown}: refused to load: {first}; nothing from the file was executed")
 
 
@@ -430,10 +432,27 @@ def save_checkpoint(
     paths the output must never overwrite. Returns the resolved output path.
     """
     shown = os.fspath(path)
+    if {"model", "ema"} & set(extra):
+        checkpoint_writer(model, shown, half=half, **extra)  # raises the TypeError
+    check_output(path, force=force, inputs=inputs)  # fail before the (slow) copy and pickling
+    write = checkpoint_writer(model, shown, half=half, **extra)
+    with atomic_writes([path], force=force, inputs=inputs) as (handle,):
+        write(handle)
+    return Path(shown).expanduser().resolve()
+
+
+def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extra: Any) -> Callable[[BinaryIO], None]:
+    """What :func:`save_checkpoint` writes, as a function of a binary file; nothing is written yet.
+
+    The model is checked (every class must have an official name) and frozen
+    (fp16 copy) now, so most errors come before any output is opened; the
+    returned function pickles the checkpoint into the file it is given. Lets a
+    caller write the checkpoint together with other files in one
+    :func:`fxrewrite.io.atomic_writes` transaction. ``shown`` names the output in errors.
+    """
     clash = {"model", "ema"} & set(extra)
     if clash:
         raise TypeError(f"save_checkpoint: {', '.join(sorted(clash))} cannot be passed as an extra entry")
-    check_output(path, force=force, inputs=inputs)  # fail before the (slow) copy and pickling
     official_names = {cls: name for name, cls in official_aliases().items()}
     loadable = set(allowed_globals()) | _torch_default_globals() | set(official_names.values())
     _check_saveable(model, official_names, loadable, shown)
@@ -448,15 +467,17 @@ def save_checkpoint(
         **extra,
     }
     pickle_module = _pickle_module(official_names, loadable)
-    try:
-        with atomic_writes([path], force=force, inputs=inputs) as (handle,):
+
+    def write(handle: BinaryIO) -> None:
+        try:
             torch.save(ckpt, handle, pickle_module=pickle_module)
-    except _UnsaveableGlobal as exc:
-        raise CheckpointError(
-            f"{shown}: cannot save: the checkpoint would reference {exc}, which load_checkpoint does not "
-            "allow; nothing was written"
-        ) from None
-    return Path(shown).expanduser().resolve()
+        except _UnsaveableGlobal as exc:
+            raise CheckpointError(
+                f"{shown}: cannot save: the checkpoint would reference {exc}, which load_checkpoint does not "
+                "allow; nothing was written"
+            ) from None
+
+    return write
 
 
 def save_safetensors(
@@ -473,6 +494,19 @@ def save_safetensors(
     one unit: either both appear or neither does. Needs the optional
     ``safetensors`` package.
     """
+    base = os.fspath(path_without_ext)
+    st_path, yaml_path = f"{base}.safetensors", f"{base}.yaml"
+    for p in (st_path, yaml_path):
+        check_output(p, force=force, inputs=inputs)
+    payload, config_text = safetensors_payload(model, base)
+    with atomic_writes([st_path, yaml_path], force=force, inputs=inputs) as (st_file, yaml_file):
+        st_file.write(payload)
+        yaml_file.write(config_text)
+    return Path(st_path).resolve(), Path(yaml_path).resolve()
+
+
+def safetensors_payload(model: nn.Module, path_without_ext: PathLike) -> tuple[bytes, bytes]:
+    """The bytes :func:`save_safetensors` writes: ``(<path>.safetensors, <path>.yaml)``; nothing is written."""
     try:
         from safetensors.torch import save as safetensors_save
     except ImportError:
@@ -482,13 +516,10 @@ def save_safetensors(
         ) from None
     import yaml
 
-    base = os.fspath(path_without_ext)
-    st_path, yaml_path = f"{base}.safetensors", f"{base}.yaml"
+    st_path = f"{os.fspath(path_without_ext)}.safetensors"
     config = getattr(model, "yaml", None)
     if not isinstance(config, dict):
         raise CheckpointError(f"{st_path}: the model has no 'yaml' config dict to write beside the weights")
-    for p in (st_path, yaml_path):
-        check_output(p, force=force, inputs=inputs)
 
     # clone(): safetensors refuses tensors that share memory, and it must not see caller storage anyway
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -504,9 +535,4 @@ def save_safetensors(
     if isinstance(stride, torch.Tensor):
         metadata["stride"] = json.dumps([float(s) for s in stride.tolist()])
     payload = safetensors_save(tensors, metadata=metadata)
-    config_text = yaml.safe_dump(config, sort_keys=False)
-
-    with atomic_writes([st_path, yaml_path], force=force, inputs=inputs) as (st_file, yaml_file):
-        st_file.write(payload)
-        yaml_file.write(config_text.encode("utf-8"))
-    return Path(st_path).resolve(), Path(yaml_path).resolve()
+    return payload, yaml.safe_dump(config, sort_keys=False).encode("utf-8")

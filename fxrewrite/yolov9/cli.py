@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if "nothing to convert" in str(exc):
             print(f"{args.input or args.config}: {exc}; nothing written")
             return 0
-        raise
+        raise ConversionError(f"{args.input or args.config}: {exc}") from exc
     _print_summary(conversion, origin)
     if args.verify:
         size = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
@@ -133,11 +133,18 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
+    drawn: list[Path] = []
     if args.draw:  # drawings first: they are the likelier to fail (Graphviz), and fail before the checkpoint
+        existed = {p for key, p in outputs.items() if key.startswith("draw-") and p.exists()}
         drawn = _draw(conversion, Path(args.draw), args.force)
-    written = _write(conversion, outputs, args, inputs)
-    if args.draw:
-        written += drawn
+    try:
+        written = _write(conversion, outputs, args, inputs)
+    except BaseException:
+        for path in drawn:  # no output at all when the checkpoint could not be written
+            if Path(path) not in existed:
+                Path(path).unlink(missing_ok=True)
+        raise
+    written += drawn
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -176,14 +183,20 @@ def _outputs(args) -> dict[str, Path]:
 
 def _load(args) -> tuple[torch.nn.Module, str]:
     if args.config:
-        from .model import DetectionModel, SegmentationModel
+        from .model import ConfigError, DetectionModel, SegmentationModel
         from .config import load_config
 
         cfg = load_config(args.config)
         torch.manual_seed(args.seed)
-        head = str(cfg["head"][-1][2])
+        try:
+            head = str(cfg["head"][-1][2])
+        except (KeyError, IndexError, TypeError):  # a malformed config: the builder says what is wrong
+            head = ""
         cls = SegmentationModel if "Segment" in head else DetectionModel
-        model = cls(cfg, nc=args.nc)
+        try:
+            model = cls(cfg, nc=args.nc)
+        except ConfigError as exc:  # built from a dict: name the file the dict came from
+            raise ConfigError(exc.problem, source=exc.source or str(args.config), layer=exc.layer) from None
         randomise_batchnorm(model, args.seed)
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
@@ -241,29 +254,29 @@ def _layer_map_text(layer_map: dict[int, int]) -> str:
 
 
 def _write(c: Conversion, outputs: dict[str, Path], args, inputs: list) -> list[Path]:
-    from .checkpoint import save_checkpoint, save_safetensors
+    """Write OUT.pt, (OUT.safetensors,) OUT.yaml and OUT.params.json as one transaction: every file goes
+    to a temporary file first and all are renamed into place only once all were written, so a failure
+    leaves no output (and, with --force, the previous outputs as they were)."""
+    from .checkpoint import checkpoint_writer, safetensors_payload
 
     extra = {"fxrewrite": {"converted_from": str(args.input or args.config), "layer_map": c.layer_map,
                            "fused": bool(getattr(args, "fuse", False))}}
-    save_checkpoint(c.model, outputs["pt"], force=args.force, inputs=inputs, half=not args.fp32, **extra)
-    written = [outputs["pt"]]
-    try:
-        if "safetensors" in outputs:  # writes OUT.safetensors and OUT.yaml (the derived config) together
-            written += list(save_safetensors(c.model, outputs["safetensors"].with_suffix(""), force=args.force,
-                                             inputs=inputs))
-            with atomic_writes([outputs["params"]], force=args.force, inputs=inputs) as (fj,):
-                fj.write(json.dumps(c.param_map, indent=1).encode())
-            written.append(outputs["params"])
-        else:
-            with atomic_writes([outputs["yaml"], outputs["params"]], force=args.force, inputs=inputs) as (fy, fj):
-                fy.write(yaml.safe_dump(c.config, sort_keys=False).encode())
-                fj.write(json.dumps(c.param_map, indent=1).encode())
-            written += [outputs["yaml"], outputs["params"]]
-    except BaseException:
-        for path in written:  # all or nothing
-            Path(path).unlink(missing_ok=True)
-        raise
-    return written
+    contents: dict[str, object] = {
+        "pt": checkpoint_writer(c.model, str(outputs["pt"]), half=not args.fp32, **extra),
+        "yaml": yaml.safe_dump(c.config, sort_keys=False).encode(),
+    }
+    if "safetensors" in outputs:  # OUT.yaml is then the config the safetensors file is described by
+        contents["safetensors"], contents["yaml"] = safetensors_payload(c.model, outputs["safetensors"].with_suffix(""))
+    contents["params"] = json.dumps(c.param_map, indent=1).encode()
+    keys = [k for k in ("pt", "safetensors", "yaml", "params") if k in outputs]
+    with atomic_writes([outputs[k] for k in keys], force=args.force, inputs=inputs) as handles:
+        for key, handle in zip(keys, handles):
+            content = contents[key]
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content)
+    return [outputs[k] for k in keys]
 
 
 def _draw(c: Conversion, folder: Path, force: bool) -> list[Path]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ..safe_yaml import MAX_TEXT_CHARS, YamlTooLarge, guarded_load
+
 __all__ = ["CONFIG_DIR", "shipped_configs", "resolve_config_path", "load_config"]
 
 #: Folder holding the shipped ``*.yaml`` model descriptions.
@@ -53,10 +55,23 @@ def load_config(name_or_path: str | os.PathLike) -> dict:
 
     path = resolve_config_path(name_or_path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML: {error}", source=str(path)) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not a text file (not UTF-8): {error}", source=str(path)) from None
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"too large for a model config ({len(text):,} characters; the limit is {MAX_TEXT_CHARS:,})",
+                          source=str(path))
+    try:  # bounded: no alias bomb, no nesting deep enough to exhaust the stack
+        loaded = guarded_load(text)
+    except YamlTooLarge as error:
+        raise ConfigError(f"refused: {error.problem} (line {error.line})", source=str(path)) from None
+    except yaml.YAMLError as error:  # one line: the problem and where (str(error) spans several)
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"invalid YAML{where}: {problem}", source=str(path)) from None
+    except (ValueError, OverflowError) as error:  # a scalar PyYAML cannot build (2001-02-30, 5000 digits)
+        raise ConfigError(f"invalid YAML: a value cannot be read ({error})", source=str(path)) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"a model config must be a YAML mapping, got {type(loaded).__name__}", source=str(path))
     return loaded

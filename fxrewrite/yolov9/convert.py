@@ -35,11 +35,12 @@ from torch import fx, nn
 
 from .. import trace as fx_trace
 from ..engine import RewriteResult, rewrite
-from ..errors import FxRewriteError
+from ..errors import FxRewriteError, RebindError
 from ..pattern import input_nodes
 from ..rebind import bind_tensors
 from ..rule_file import load_rules
 from ..rules import RuleSet
+from ..shapes import ShapePropagationError
 from ..tensors import named_tensors
 from ..verify import VerifyReport, verify
 
@@ -106,7 +107,11 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
     """
     layers = _layers(model)
     head = type(layers[-1]).__name__
-    result = trace_and_rewrite(model, rules, example_size=example_size)
+    try:
+        result = trace_and_rewrite(model, rules, example_size=example_size)
+    except ShapePropagationError as exc:  # the model does not run: say which tensor is wrong when we can
+        check_against_config(model)
+        raise ConversionError(f"the model does not run on a test image: {exc}") from exc
     gm = result.original
     kept = [n for n in result.module.graph.nodes if n.op == "call_module"]
     old_index = {n: _layer_index(n, result.module) for n in kept}
@@ -114,7 +119,7 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
         raise ConversionError(f"nothing to convert: the model ({head} head) has no auxiliary layers "
                               f"for the rules to remove; it is already an inference model")
     config = derive_config(model.yaml, kept, old_index, result)
-    converted = _build(model, config)
+    converted = _build(model, config, result.module.get_submodule(kept[-1].target))
     layer_target = {k: n.target for k, n in enumerate(kept)}
     sources = dict(named_tensors(model))
 
@@ -122,7 +127,11 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
         _, k, rest = name.split(".", 2)
         return result.param_map.get(f"{layer_target[int(k)]}.{rest}")
 
-    param_map = bind_tensors(converted, sources, origin)
+    try:
+        param_map = bind_tensors(converted, sources, origin)
+    except RebindError:
+        check_against_config(model)
+        raise
     _materialise_plain_tensors(converted, result.module, layer_target)
     _copy_model_attributes(model, converted)
     converted.eval()
@@ -154,6 +163,26 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
         return rewrite(gm, rules)
     finally:
         _restore(model, modes)
+
+
+def check_against_config(model: nn.Module) -> None:
+    """Raise a :class:`ConversionError` naming the first tensor of ``model`` whose shape contradicts
+    ``model.yaml`` (a corrupt or hand-edited checkpoint: the config says 64 channels, the weight has 32).
+
+    The config is built on the ``meta`` device (no memory is allocated); tensors the config does not
+    know (a fused model's biases) are not compared.
+    """
+    from .model import ConfigError
+
+    try:
+        skeleton = _build(model, copy.deepcopy(model.yaml))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConversionError(f"the model's config (yaml) cannot be built: {exc}") from None
+    expected = {name: tuple(t.shape) for name, t in named_tensors(skeleton)}
+    for name, tensor in named_tensors(model):
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise ConversionError(f"the weights contradict the model's config (yaml): {name} has shape "
+                                  f"{tuple(tensor.shape)}, the config makes it {expected[name]}")
 
 
 # -- config derivation ----------------------------------------------------------
@@ -248,13 +277,23 @@ def _restore(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
         m.training = training
 
 
-def _build(model: nn.Module, config: dict) -> nn.Module:
+def _build(model: nn.Module, config: dict, head: nn.Module | None = None) -> nn.Module:
     from .model import DetectionModel, SegmentationModel
 
     cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
-    strides = [float(s) for s in torch.as_tensor(model.stride).tolist()]
+    strides = _head_strides(head) or [float(s) for s in torch.as_tensor(model.stride).tolist()]
     with torch.device("meta"):
         return cls(config, ch=_input_channels(model), strides=strides)
+
+
+def _head_strides(head: nn.Module | None) -> list[float] | None:
+    """The rewritten head's strides, when it has one per level: a rule may have rebuilt the head
+    on fewer levels than the training model's (``rules/examples/drop-p5.yaml``)."""
+    stride = getattr(head, "stride", None)
+    if not isinstance(stride, torch.Tensor) or stride.is_meta or stride.numel() != getattr(head, "nl", -1) \
+            or not bool((stride > 0).all()):
+        return None
+    return [float(s) for s in stride.tolist()]
 
 
 def _materialise_plain_tensors(converted: nn.Module, rewritten: fx.GraphModule, layer_target: dict[int, str]) -> None:

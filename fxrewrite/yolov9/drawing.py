@@ -14,6 +14,7 @@ so the picture shows at a glance what PGI adds and the conversion removes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from torch import fx
@@ -33,22 +34,35 @@ def layer_of(node: fx.Node) -> int | None:
     return int(parts[1]) if len(parts) >= 2 and parts[0] == "model" and parts[1].isdigit() else None
 
 
-def layer_clusters(result: RewriteResult, config: dict) -> dict[str, str]:
+def layer_clusters(result: RewriteResult, config: dict, *, layers: bool | None = None
+                   ) -> dict[str, str | tuple[str, str]]:
     """Node name -> ``backbone`` / ``head`` / ``auxiliary`` for every node of the drawn graphs.
 
     A layer is auxiliary when the rewrite pruned every node of it; works at layer and at op granularity.
+    With ``layers`` (the default at op granularity, when some layer was traced into several nodes)
+    the nodes of each layer also get a box of their own inside their section's: the label is then
+    ``(section, "model.N")``, and a layer drawn as one node stays directly in its section. Besides
+    showing which operations make up which layer, the layer boxes keep the drawing fast: dot routes
+    the long skip connections between the boxes (yolov9-e's 1,400 operations: dot takes 0.35 s with
+    them, about 1 s with the section boxes only).
     """
     n_backbone = len(config["backbone"])
     status = result.node_status
-    layers: dict[str, int] = {}
+    found: dict[str, int] = {}
     for graph in (result.original.graph, result.module.graph):
         for node in graph.nodes:
             layer = layer_of(node)
             if layer is not None:
-                layers[node.name] = layer
-    kept = {layer for name, layer in layers.items() if status.get(name) != "pruned"}
-    return {name: AUXILIARY if layer not in kept else BACKBONE if layer < n_backbone else HEAD
-            for name, layer in layers.items()}
+                found[node.name] = layer
+    kept = {layer for name, layer in found.items() if status.get(name) != "pruned"}
+    sizes = Counter(found.values())
+    if layers is None:
+        layers = any(size > 1 for size in sizes.values())
+    boxes: dict[str, str | tuple[str, str]] = {}
+    for name, layer in found.items():
+        section = AUXILIARY if layer not in kept else BACKBONE if layer < n_backbone else HEAD
+        boxes[name] = (section, f"model.{layer}") if layers and sizes[layer] > 1 else section
+    return boxes
 
 
 def draw_conversion(conversion: Conversion, *, view: str = "overlay", **kwargs) -> Drawing:

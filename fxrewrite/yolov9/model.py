@@ -326,6 +326,15 @@ def _check_channels(value: Any, what: str, source: str | None, layer: int) -> No
         raise ConfigError(f"{what} {value} exceeds the limit of {MAX_CHANNELS} channels", source=source, layer=layer)
 
 
+def _scaled_channels(value: int, gw: float, what: str, source: str | None, layer: int) -> int:
+    """``value`` scaled by width_multiple and rounded up to a multiple of 8, refused above the channel limit."""
+    scaled = value * gw
+    if not scaled <= MAX_CHANNELS:  # also inf
+        raise ConfigError(f"{what} {value} x width_multiple {gw} exceeds the limit of {MAX_CHANNELS} channels",
+                          source=source, layer=layer)
+    return make_divisible(scaled, 8)
+
+
 def _plan_layers(d: Mapping[str, Any], input_channels: int, source: str | None) -> list[_LayerPlan]:
     """Validate the layer tables of ``d`` and compute constructor arguments and channels."""
     for key in ("nc", "depth_multiple", "width_multiple", "backbone", "head"):
@@ -369,7 +378,10 @@ def _plan_layers(d: Mapping[str, Any], input_channels: int, source: str | None) 
         if not isinstance(args, (list, tuple)):
             raise ConfigError(f"args must be a list, got {args!r}", source=source, layer=i)
         args = [_resolve_argument(a, symbols) for a in args]
-        repeats = max(round(n * gd), 1) if n > 1 else n
+        try:
+            repeats = max(round(n * gd), 1) if n > 1 else n
+        except OverflowError:  # n * depth_multiple is infinite
+            repeats = math.inf
         if repeats > MAX_REPEATS:
             raise ConfigError(f"repeat count {repeats} exceeds the limit of {MAX_REPEATS}", source=source, layer=i)
 
@@ -394,7 +406,7 @@ def _plan_layers(d: Mapping[str, Any], input_channels: int, source: str | None) 
             c_out = args[0]
             _check_channels(c_out, "output channel count", source, i)
             if c_out != anchor_outputs:
-                c_out = make_divisible(c_out * gw, 8)
+                c_out = _scaled_channels(c_out, gw, "output channel count", source, i)
             _check_channels(c_out, f"output channel count (after width_multiple {gw})", source, i)
             args = [c_in, c_out, *args[1:]]
             if role == "scaled_repeated":
@@ -422,7 +434,7 @@ def _plan_layers(d: Mapping[str, Any], input_channels: int, source: str | None) 
                 if len(args) < 3:
                     raise ConfigError(f"{name} needs [nc, masks, prototypes] arguments", source=source, layer=i)
                 _check_channels(args[2], "prototype channel count", source, i)
-                args[2] = make_divisible(args[2] * gw, 8)
+                args[2] = _scaled_channels(args[2], gw, "prototype channel count", source, i)
             args.append([input_channels_of(j) for j in sources])
             out = None  # heads produce predictions, not a feature map
         else:  # "same"

@@ -577,9 +577,83 @@ def test_caller_boxes_are_drawn_as_given(demo):
     assert 'id="cluster:main/identity"' in drawing.source and 'id="cluster:auxiliary"' in drawing.source
 
 
-def test_large_graphs_get_a_layout_iteration_limit():
-    from fxrewrite.draw import LARGE_GRAPH_NODES
+def test_large_graphs_get_layout_iteration_limits():
+    from fxrewrite.draw import LARGE_GRAPH_LAYOUT, LARGE_GRAPH_NODES
 
     small = draw_graph(fxrewrite.trace(nn.Sequential(*[nn.ReLU() for _ in range(10)])))
     large = draw_graph(fxrewrite.trace(nn.Sequential(*[nn.ReLU() for _ in range(LARGE_GRAPH_NODES)])))
-    assert "nslimit" not in small.source and "nslimit=2" in large.source
+    assert "nslimit" not in small.source and "mclimit" not in small.source
+    for key, value in LARGE_GRAPH_LAYOUT.items():
+        assert f"{key}={value}" in large.source
+
+
+# -- chains of operations drawn as one box (fold_chains) ---------------------------------------------------
+def _drawn_node_ids(source: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r'^\s*"?([\w/]+)"? \[label=', source, re.M)}
+
+
+def test_fold_chains_draws_each_chain_as_one_box(demo):
+    drawing = draw_rewrite(demo, fold_chains=True)
+    src = drawing.source
+    assert drawing.chains["stem_conv"] == ["stem_conv", "stem_bn", "stem_act"]
+    assert drawing.chains["mean"] == ["mean", "main_head_fc"]
+    # one box per chain, named after its first node; the others are rows of that box
+    drawn = _drawn_node_ids(src)
+    assert "stem_conv" in drawn and not {"stem_bn", "stem_act", "main_head_fc"} & drawn
+    box = _dot_node_line(src, "stem_conv")
+    assert "fx-chain" in box
+    assert box.index("<B>stem_conv</B>") < box.index("<B>stem_bn</B>") < box.index("<B>stem_act</B>")
+    assert "BatchNorm2d" in box and "1×16×16×16" in box
+    assert "3 operations, one after the other" in src
+    # no edge inside a chain; edges into and out of it attach to the box
+    assert "stem_conv -> stem_bn" not in src and "stem_bn -> stem_act" not in src
+    assert "x -> stem_conv" in src and "stem_conv -> main_0_conv" in src and "stem_conv -> aux_0_conv" in src
+    # every node keeps its status and its box, folded or not
+    assert drawing.statuses == draw_rewrite(demo, fold_chains=False).statuses
+    assert drawing.clusters["stem_act"] == ("stem",)
+    assert "drawn as 6 boxes listing them in order" in src  # the drawing says it was folded
+
+
+def test_chains_stop_at_branches_statuses_and_boxes(demo):
+    chains = draw_rewrite(demo, fold_chains=True).chains
+    members = {m: box for box, ms in chains.items() for m in ms}
+    # stem_act feeds two nodes: the chain ends there; main_1 (collapsed) splits main in two chains
+    assert members["stem_act"] == "stem_conv" and members["main_0_conv"] == "main_0_conv"
+    assert "main_1" not in members and members["main_2_act"] == "main_2_conv"
+    # pruned nodes chain among themselves (the edges between them are dropped with them), not with kept ones
+    assert chains["aux_0_conv"] == ["aux_0_conv", "aux_0_bn", "aux_0_act", "aux_1_conv", "aux_1_bn", "aux_1_act"]
+    assert chains["mean_1"] == ["mean_1", "aux_head_fc"]  # another box (aux_head): another chain
+    # never across boxes: main_2_act -> mean crosses from main to main_head
+    assert members["mean"] == "mean" and "x" not in members and "output" not in members
+    assert "pruned" in _dot_node_line(draw_rewrite(demo, fold_chains=True).source, "aux_0_conv")
+    # side by side: ids carry the view
+    both = draw_rewrite(demo, view="side_by_side", fold_chains=True).chains
+    assert both["after/stem_conv"] == ["after/stem_conv", "after/stem_bn", "after/stem_act"]
+    assert "after/aux_0_conv" not in both and "before/aux_0_conv" in both
+
+
+def test_large_graphs_fold_chains_by_default():
+    from fxrewrite.draw import LARGE_GRAPH_NODES
+
+    gm = fxrewrite.trace(nn.Sequential(*[nn.ReLU() for _ in range(LARGE_GRAPH_NODES)]))
+    folded = draw_graph(gm)
+    assert list(folded.chains) == ["_0"] and len(folded.chains["_0"]) == LARGE_GRAPH_NODES
+    assert _drawn_node_ids(folded.source) == {"input_1", "_0", "output"}
+    assert "fold_chains=False draws one box per node" in folded.source
+    every = draw_graph(gm, fold_chains=False)
+    assert every.chains == {} and len(_drawn_node_ids(every.source)) == LARGE_GRAPH_NODES + 2
+    assert "fold_chains" not in every.source
+    small = draw_graph(fxrewrite.trace(nn.Sequential(*[nn.ReLU() for _ in range(10)])))
+    assert small.chains == {} and "fx-chain" not in small.source
+    with pytest.raises(ValueError, match="fold_chains must be"):
+        draw_graph(gm, fold_chains="yes")
+
+
+@needs_dot
+def test_svg_of_folded_chains(demo):
+    root = _svg(draw_rewrite(demo, fold_chains=True))
+    nodes = _nodes(root)
+    assert "stem_bn" not in nodes
+    text = _text(nodes["stem_conv"])
+    assert "stem_conv" in text and "stem_bn" in text and "stem_act" in text and "BatchNorm2d" in text
+    assert _fill(nodes["aux_0_conv"]) == STATUS_STYLES[PRUNED].fill

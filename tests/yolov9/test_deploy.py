@@ -21,7 +21,7 @@ from deploy_helpers import (
 from fxrewrite import Pattern, Rule
 from fxrewrite.cli import main
 from fxrewrite.tensors import named_tensors
-from fxrewrite.yolov9 import DetectionModel, convert
+from fxrewrite.yolov9 import DetectionModel, SegmentationModel, convert
 from fxrewrite.yolov9.blocks import Conv, RepConvN
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fxrewrite.yolov9.deploy import FusionError, compose_param_maps, deploy_rules, fuse, unfused_blocks
@@ -57,6 +57,14 @@ def test_five_fused_parameter_counts_equal_the_official_fuse():
         fusion = fuse(convert(model.eval()).model, check_shapes=False)
         assert fusion.params_after == expected, variant
         assert unfused_blocks(fusion.model) == [], variant
+
+
+def test_fused_segmentation_model_count_equals_the_official_fuse():
+    with torch.device("meta"):  # the segmentation head's Proto has Conv blocks too
+        model = SegmentationModel("gelan-c-dseg")
+    fusion = fuse(model.eval(), check_shapes=False)
+    assert fusion.params_after == 27_447_616  # official gelan-c-dseg after fuse(), nc=80
+    assert unfused_blocks(fusion.model) == []
 
 
 # -- structure: what the official fuse() leaves -------------------------------------------

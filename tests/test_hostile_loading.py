@@ -1,0 +1,384 @@
+"""Hostile and broken inputs, through the command line: every one is refused with one line on
+stderr, exit code 1, no traceback, no output file, and no payload ever runs.
+
+Inputs: checkpoints whose pickle calls something outside the allow-list (os.system, eval,
+exec, subprocess, __import__ gadgets, unknown classes), broken files (truncated, empty,
+a zip that is not a checkpoint, a legacy torch file, no model, a bare state_dict), weights
+that contradict their config, and bad or hostile model configs (unknown module, ``from``
+out of range, negative repeats, absurd widths -- refused without allocating memory -- and
+YAML alias bombs or deep nesting).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxrewrite.yolov9 import DetectionModel
+from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fxrewrite.yolov9.model import ConfigError
+
+from hostile_helpers import (MINI, EvilModule, Unknown, assert_one_line_error, handcrafted_payloads, listing,
+                             payload_is_live, reduce_payloads, run_cli, torch_zip_with_pickle, write_config)
+
+COMMANDS = {  # the command line for an input file, and the output it must not create
+    "convert": lambda src, out: ["convert", src, "-o", out / "gelan.pt"],
+    "draw": lambda src, out: ["draw", src, "-o", out / "drawing.dot"],
+}
+
+
+@pytest.fixture
+def marker(tmp_path):
+    return tmp_path / "PWNED"
+
+
+@pytest.fixture
+def out(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mini_model():
+    torch.manual_seed(0)
+    return DetectionModel(copy.deepcopy(MINI)).eval()
+
+
+def refusal(path, name: str) -> str:
+    return (f"{path}: refused to load: the pickle references {name}, which is not allowed in a YOLOv9 "
+            "checkpoint; nothing from the file was executed")
+
+
+# ---------------------------------------------------------------------------- payloads
+@pytest.mark.parametrize("name", list(handcrafted_payloads(Path("x"))))
+def test_handcrafted_payloads_are_live(tmp_path, marker, name):
+    """The test's own check: each hand-written pickle does run its command when unpickled unsafely."""
+    data, _ = handcrafted_payloads(marker)[name]
+    pickle.loads(data)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("name", list(handcrafted_payloads(Path("x"))))
+def test_handcrafted_payload_is_refused_by_the_cli(capsys, tmp_path, marker, out, command, name):
+    data, refused_name = handcrafted_payloads(marker)[name]
+    src = torch_zip_with_pickle(tmp_path / "evil.pt", data)
+    code, stdout, err = run_cli(capsys, *COMMANDS[command](src, out))
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err)
+    assert err == f"fxrewrite: error: {refusal(src, refused_name)}\n"
+    assert not marker.exists()
+    assert listing(out) == []
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("name", list(reduce_payloads()))
+def test_reduce_payload_is_refused_by_the_cli(capsys, tmp_path, marker, out, command, name):
+    payload_cls, refused_name = reduce_payloads()[name]
+    assert payload_is_live(payload_cls, marker)
+    src = tmp_path / "evil.pt"
+    torch.save({"model": None, "epoch": payload_cls(marker)}, src)
+    code, stdout, err = run_cli(capsys, *COMMANDS[command](src, out))
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err)
+    assert err == f"fxrewrite: error: {refusal(src, refused_name)}\n"
+    assert not marker.exists()
+    assert listing(out) == []
+
+
+def test_payload_inside_a_real_model_is_refused(capsys, tmp_path, marker, out, mini_model):
+    """A genuine checkpoint (the model under official names) with a payload hidden in one layer's state."""
+    src = tmp_path / "evil.pt"
+    evil = copy.deepcopy(mini_model)
+    evil.model[1].extra = EvilModule(marker)  # pickled with the model: os.system inside the layer tree
+    torch.save({"model": evil, "epoch": 3}, src)
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert code == 1
+    assert_one_line_error(err, f"{src}: refused to load: the pickle references ")
+    assert f"{os.system.__module__}.system" in err
+    assert not marker.exists() and listing(out) == []
+
+
+def test_getattr_gadget_is_limited_to_forward_fuse(capsys, tmp_path, marker, out):
+    """``builtins.getattr`` is allowed (fused blocks pickle ``getattr(block, 'forward_fuse')``), but only
+    for that: ``getattr(<allowed class>, '__init__')`` or any other name is refused while loading."""
+    data = (b"\x80\x02c__builtin__\ngetattr\nccollections\nOrderedDict\n" + b"X\x08\x00\x00\x00__init__"
+            + b"\x86R.")
+    src = torch_zip_with_pickle(tmp_path / "gadget.pt", data)
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert code == 1
+    assert_one_line_error(err, f"{src}: refused to load: ")
+    assert "forward_fuse" in err and "nothing from the file was executed" in err
+    assert listing(out) == []
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_torch_weights_only_check_alone_also_refuses(tmp_path, marker, monkeypatch):
+    """Defence in depth: with our pre-scan of the pickle disabled, torch's weights-only loader still refuses."""
+    from fxrewrite.yolov9 import checkpoint as ckpt_mod
+
+    monkeypatch.setattr(ckpt_mod, "_vet_globals", lambda found, shown: None)
+    for name, (data, refused_name) in handcrafted_payloads(marker).items():
+        src = torch_zip_with_pickle(tmp_path / "evil.pt", data)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(src)
+        assert str(err.value).startswith(f"{src}: refused to load: "), name
+        assert not marker.exists(), name
+
+
+# ---------------------------------------------------------------------------- broken files
+def broken_inputs(folder: Path, model) -> dict[str, tuple[Path, str]]:
+    """Each broken input and the start of the exact message the CLI prints for it."""
+    found = {}
+    good = save_checkpoint(model, folder / "good.pt")
+    data = good.read_bytes()
+    for fraction in (0.1, 0.5, 0.99):
+        path = folder / f"truncated-{fraction}.pt"
+        path.write_bytes(data[: int(len(data) * fraction)])
+        found[f"truncated to {fraction:.0%}"] = (path, f"{path}: truncated or corrupt zip archive")
+    empty = folder / "empty.pt"
+    empty.write_bytes(b"")
+    found["zero bytes"] = (empty, f"{empty}: file is empty (0 bytes), not a checkpoint")
+    notes = folder / "notes.zip"
+    with zipfile.ZipFile(notes, "w") as z:
+        z.writestr("notes/readme.txt", "hello")
+    found["a zip that is not a checkpoint"] = (notes, f"{notes}: a zip archive but not a torch checkpoint "
+                                                      "(no data.pkl record)")
+    legacy = folder / "legacy.pt"
+    torch.save({"model": None}, legacy, _use_new_zipfile_serialization=False)
+    found["legacy torch file"] = (legacy, f"{legacy}: legacy (pre-1.6, non-zip) torch file format")
+    plain = folder / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"model": None}))
+    found["a plain pickle"] = (plain, f"{plain}: a plain pickle file, not a torch.save checkpoint")
+    no_model = folder / "no-model.pt"
+    torch.save({"epoch": 3, "optimizer": None}, no_model)
+    found["no model entry"] = (no_model, f"{no_model}: checkpoint has no 'model' or 'ema' entry")
+    none_model = folder / "none-model.pt"
+    torch.save({"model": None, "ema": None}, none_model)
+    found["model is None"] = (none_model, f"{none_model}: checkpoint's 'model' entry is empty (None)")
+    bare = folder / "state-dict.pt"
+    torch.save(model.state_dict(), bare)
+    found["a bare state_dict"] = (bare, f"{bare}: a bare state_dict")
+    entry = folder / "state-dict-entry.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1}, entry)
+    found["model entry is a state_dict"] = (entry, f"{entry}: the 'model' entry is a bare state_dict")
+    listed = folder / "list.pt"
+    torch.save([1, 2, 3], listed)
+    found["not a dict"] = (listed, f"{listed}: expected a checkpoint dict, found a list")
+    text = folder / "model.yaml"
+    text.write_text("nc: 80\n")
+    found["a text file"] = (text, f"{text}: not a torch checkpoint (not a zip archive)")
+    found["a folder"] = (folder, f"{folder}: is a directory, not a checkpoint file")
+    found["no such file"] = (folder / "nope.pt", f"{folder / 'nope.pt'}: no such file")
+    return found
+
+
+BROKEN = ["truncated to 10%", "truncated to 50%", "truncated to 99%", "zero bytes", "a zip that is not a checkpoint",
+          "legacy torch file", "a plain pickle", "no model entry", "model is None", "a bare state_dict",
+          "model entry is a state_dict", "not a dict", "a text file", "a folder", "no such file"]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, mini_model):
+    folder = tmp_path_factory.mktemp("broken")
+    return broken_inputs(folder, mini_model)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_input_gets_a_specific_message(capsys, out, broken, command, case):
+    src, message = broken[case]
+    before = src.read_bytes() if src.is_file() else None
+    code, stdout, err = run_cli(capsys, *COMMANDS[command](src, out))
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err, message)
+    assert listing(out) == []
+    if before is not None:
+        assert src.read_bytes() == before
+
+
+def test_every_broken_case_is_listed(broken):
+    assert sorted(broken) == sorted(BROKEN)
+
+
+# ---------------------------------------------------------------------------- weights vs config
+def contradicting(model, case: str):
+    """A copy of ``model`` whose tensors contradict its config (as a corrupt or hand-edited checkpoint would)."""
+    bad = copy.deepcopy(model)
+    if case == "conv with 8 of 16 output channels":
+        conv = bad.model[2].conv
+        conv.weight = torch.nn.Parameter(conv.weight.detach()[:8].clone())
+    elif case == "conv reading 8 of 16 input channels":
+        conv = bad.model[3].conv
+        conv.weight = torch.nn.Parameter(conv.weight.detach()[:, :8].clone())
+    elif case == "batchnorm statistics too short":
+        bad.model[1].bn.running_var = bad.model[1].bn.running_var[:4].clone()
+    elif case == "config says 32 channels, weights have 16":
+        bad.yaml["backbone"][2][3][0] = 32
+    elif case == "head weight of the wrong width":
+        conv = bad.model[-1].cv4[0][0].conv
+        conv.weight = torch.nn.Parameter(conv.weight.detach()[:, :4].clone())
+    return bad
+
+
+CONTRADICTIONS = {
+    "conv with 8 of 16 output channels": "model.2.conv.weight has shape (8, 8, 3, 3), the config makes it (16, 8, 3, 3)",
+    "conv reading 8 of 16 input channels": "model.3.conv.weight has shape (16, 8, 3, 3), the config makes it "
+                                           "(16, 16, 3, 3)",
+    "batchnorm statistics too short": "model.1.bn.running_var has shape (4,), the config makes it (8,)",
+    "config says 32 channels, weights have 16": "model.2.conv.weight has shape (16, 8, 3, 3), the config makes it "
+                                                "(32, 8, 3, 3)",
+    "head weight of the wrong width": "model.7.cv4.0.0.conv.weight has shape (64, 4, 3, 3), the config makes it "
+                                      "(64, 16, 3, 3)",
+}
+
+
+@pytest.mark.parametrize("case", list(CONTRADICTIONS))
+def test_weights_contradicting_the_config_fail_with_a_specific_error(capsys, tmp_path, out, mini_model, case):
+    src = save_checkpoint(contradicting(mini_model, case), tmp_path / "bad.pt")
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err)
+    assert err == (f"fxrewrite: error: {src}: the weights contradict the model's config (yaml): "
+                   f"{CONTRADICTIONS[case]}\n")
+    assert listing(out) == []
+
+
+def test_contradiction_from_python_is_a_conversion_error(mini_model):
+    from fxrewrite.yolov9 import convert
+    from fxrewrite.yolov9.convert import ConversionError
+
+    with pytest.raises(ConversionError) as err:
+        convert(contradicting(mini_model, "conv with 8 of 16 output channels"))
+    assert str(err.value) == ("the weights contradict the model's config (yaml): "
+                              + CONTRADICTIONS["conv with 8 of 16 output channels"])
+
+
+# ---------------------------------------------------------------------------- configs
+def mini_with(*layers, **changes):
+    """MINI with ``layers`` inserted as layers 5, 6, ... (before the head; nothing after them is reached)."""
+    config = copy.deepcopy(MINI)
+    config["head"][:0] = list(layers)
+    config.update(changes)
+    return config
+
+
+BAD_CONFIGS = {
+    "unknown module": (mini_with([-1, 1, "EvilBlock", []]), "layer 5: unknown module 'EvilBlock'. Known modules: "),
+    "a module spelled like code": (mini_with([-1, 1, "os.system", ["touch x"]]), "layer 5: unknown module 'os.system'"),
+    "'from' out of range": (mini_with([[-1, 9], 1, "Concat", [1]]),
+                            "layer 5: 'from' index 9 is out of range (allowed: layers 0..4 or offsets -1..-5)"),
+    "'from' too far back": (mini_with([-6, 1, "Conv", [8, 1, 1]]), "layer 5: 'from' index -6 is out of range"),
+    "negative repeat count": (mini_with([-1, -3, "Conv", [8, 1, 1]]),
+                              "layer 5: repeat count must be a positive integer, got -3"),
+    "absurd repeat count": (mini_with([-1, 10**9, "Conv", [8, 1, 1]]),
+                            "layer 5: repeat count 1000000000 exceeds the limit of 1000"),
+    "infinite depth": (mini_with([-1, 3, "Conv", [8, 1, 1]], depth_multiple=1e308),
+                       "layer 5: repeat count inf exceeds the limit of 1000"),
+    "width 1e6": (mini_with(width_multiple=1e6),
+                  "layer 1: output channel count 8 x width_multiple 1000000.0 exceeds the limit of 65536 channels"),
+    "width 1e308": (mini_with(width_multiple=1e308),
+                    "layer 1: output channel count 8 x width_multiple 1e+308 exceeds the limit of 65536 channels"),
+    "negative width": (mini_with(width_multiple=-1), "width_multiple must be a positive number, got -1"),
+    "too many parameters": (mini_with([-1, 1, "Conv", [60_000, 1, 1]], [-1, 1, "Conv", [60_000, 7, 1]]),
+                            "layer 6: the model would exceed 2,000,000,000 parameters"),
+    "a string where a channel count goes": (mini_with([-1, 1, "Conv", ["__import__('os').system('x')", 3, 1]]),
+                                            "layer 5: output channel count must be a positive integer"),
+    "activation written as code": (mini_with(activation="__import__('os').system('x')"),
+                                   "unsupported activation"),
+    "no head": ({k: v for k, v in MINI.items() if k != "head"}, "missing top-level key 'head'"),
+    "head is not a list": (mini_with(head="DualDDetect"), "'backbone' and 'head' must be lists of layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_refused_by_the_cli(capsys, tmp_path, out, case):
+    config, message = BAD_CONFIGS[case]
+    path = write_config(tmp_path / "bad.yaml", config)
+    code, stdout, err = run_cli(capsys, "convert", "--config", path, "-o", out / "gelan.pt")
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err, f"{path}, {message}" if message.startswith("layer") else None)
+    assert message in err
+    assert listing(out) == []
+
+
+HOSTILE_CONFIG_TEXTS = {
+    "billion laughs": ("l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                       + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+                       + "nc: *l8\ndepth_multiple: 1\nwidth_multiple: 1\nbackbone: []\nhead: []\n",
+                       "refused: the document expands to more than 1,000,000 nodes and characters"),
+    "deep nesting": ("nc: 1\nbackbone: " + "[" * 10_000 + "]" * 10_000 + "\n", "refused: nested more than 64 levels"),
+    "recursive alias": ("nc: 1\nbackbone: &b [*b]\n", "refused: an alias refers to a node that contains it"),
+    "python tag": ("!!python/object/apply:os.system ['touch /tmp/fxrewrite-pwned']\n",
+                   "invalid YAML (line 1): could not determine a constructor for the tag"),
+    "impossible date": ("nc: 2001-02-30\n", "invalid YAML: a value cannot be read (day is out of range for month)"),
+    "not a mapping": ("- 1\n- 2\n", "a model config must be a YAML mapping, got list"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIG_TEXTS))
+def test_hostile_config_yaml_is_refused(capsys, tmp_path, out, case):
+    text, message = HOSTILE_CONFIG_TEXTS[case]
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    code, stdout, err = run_cli(capsys, "convert", "--config", path, "-o", out / "gelan.pt")
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err, f"{path}: {message}")
+    assert listing(out) == [] and not Path("/tmp/fxrewrite-pwned").exists()
+
+
+def test_config_that_is_not_utf8(capsys, tmp_path, out):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("nc: 1  # café\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, "convert", "--config", path, "-o", out / "gelan.pt")
+    assert code == 1
+    assert_one_line_error(err, f"{path}: not a text file (not UTF-8)")
+
+
+MEMORY_PROBE = """
+import resource, sys
+import torch
+from fxrewrite.yolov9 import DetectionModel
+from fxrewrite.yolov9.config import load_config
+from fxrewrite.yolov9.model import ConfigError
+for name in ("gelan-t", "yolov9-e"):
+    load_config(name)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+refused = []
+for name, width in (("gelan-t", 1e6), ("yolov9-e", 1e6), ("gelan-t", 100.0), ("yolov9-e", 30.0)):
+    config = load_config(name)
+    config["width_multiple"] = width
+    try:
+        DetectionModel(config)
+    except ConfigError as error:
+        refused.append(str(error).split(":")[0])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(refused), (after - before) // 1024)
+"""
+
+
+def test_absurd_width_is_refused_without_allocating_memory():
+    """width_multiple 1e6 (channel limit) and 100 / 30 (parameter limit, checked on the meta device): the
+    process's peak memory grows by less than 100 MB, where building the models would need gigabytes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    refused, grown_mb = map(int, done.stdout.split())
+    assert refused == 4
+    assert grown_mb < 100, f"peak memory grew by {grown_mb} MB"
+
+
+def test_config_errors_from_python_are_config_errors():
+    for case in ("width 1e308", "infinite depth", "unknown module", "'from' out of range", "negative repeat count"):
+        config, message = BAD_CONFIGS[case]
+        with pytest.raises(ConfigError) as err:
+            DetectionModel(config)
+        assert message in str(err.value), case
