@@ -119,6 +119,20 @@ def _commit(temp: Path, target: Path, force: bool, shown: PathLike) -> None:
     os.unlink(temp)
 
 
+def _backup(target: Path) -> Path | None:
+    """A hard link to ``target`` under a fresh hidden name (None where hard links are not possible)."""
+    for _ in range(100):
+        backup = target.parent / f".{target.name}.{secrets.token_hex(4)}.bak"
+        try:
+            os.link(target, backup)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        return backup
+    return None
+
+
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -134,7 +148,8 @@ def atomic_writes(
     ``with`` body finished without an exception and every temp file was
     fsync'ed. On failure every temp file is removed and no target is touched.
     (If publishing itself fails half-way -- e.g. the disk disappears -- the
-    outputs already published and newly created are removed again.)
+    outputs already published are taken back: new ones removed, and with
+    ``force`` the files they replaced restored from hard-linked backups.)
     """
     inputs = list(inputs)
     targets = [check_output(p, force=force, inputs=inputs) for p in paths]
@@ -153,16 +168,28 @@ def atomic_writes(
             os.fsync(handle.fileno())
             handle.close()
         published: list[Path] = []
+        replaced: set[Path] = set()  # published over an existing file (force)
+        backups: dict[Path, Path] = {}  # replaced target -> a hard link to its previous content
         try:
             for temp, target, shown in zip(temps, targets, paths):
-                existed = target.exists()
+                if target.exists():
+                    replaced.add(target)
+                    backup = _backup(target) if force and len(targets) > 1 else None
+                    if backup is not None:
+                        backups[target] = backup
                 _commit(temp, target, force, shown)
-                if not existed:
-                    published.append(target)
+                published.append(target)
         except BaseException:
             for target in published:
-                _remove_quietly(target)
+                if target in backups:  # put the previous content back
+                    with contextlib.suppress(OSError):
+                        os.replace(backups.pop(target), target)
+                elif target not in replaced:  # a new file: remove it
+                    _remove_quietly(target)
             raise
+        finally:
+            for backup in backups.values():
+                _remove_quietly(backup)
         for folder in {t.parent for t in targets}:
             _fsync_folder(folder)
     finally:

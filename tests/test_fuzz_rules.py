@@ -92,7 +92,7 @@ def test_hostile_text_is_refused_in_bounded_time_and_memory(case):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     elapsed = time.perf_counter() - started
-    assert elapsed < 10, f"{case}: {elapsed:.1f} s"
+    assert elapsed < 30, f"{case}: {elapsed:.1f} s"  # generous for a loaded machine; ~5 s at worst idle
     assert peak < 100e6 + 4 * len(text), f"{case}: peak {peak / 1e6:.0f} MB"
     if case not in ("empty", "only a comment", "two documents"):
         assert outcome == "refused", case

@@ -25,7 +25,7 @@ from fxrewrite.yolov9 import DetectionModel
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fxrewrite.yolov9.model import ConfigError
 
-from hostile_helpers import (MINI, EvilModule, Unknown, assert_one_line_error, handcrafted_payloads, listing,
+from hostile_helpers import (MINI, EvilModule, assert_one_line_error, handcrafted_payloads, listing,
                              payload_is_live, reduce_payloads, run_cli, torch_zip_with_pickle, write_config)
 
 COMMANDS = {  # the command line for an input file, and the output it must not create
@@ -382,3 +382,47 @@ def test_config_errors_from_python_are_config_errors():
         with pytest.raises(ConfigError) as err:
             DetectionModel(config)
         assert message in str(err.value), case
+
+
+def test_an_oversized_pickle_record_is_refused_before_it_is_read(capsys, tmp_path, out, mini_model, monkeypatch):
+    """A zip bomb (a small, deflated data.pkl declaring gigabytes) is refused from its declared size."""
+    from fxrewrite.yolov9 import checkpoint as ckpt_mod
+
+    src = save_checkpoint(mini_model, tmp_path / "big.pt")
+    with zipfile.ZipFile(src) as z:
+        size = z.getinfo(next(n for n in z.namelist() if n.endswith("/data.pkl"))).file_size
+    monkeypatch.setattr(ckpt_mod, "MAX_PICKLE_BYTES", size - 1)
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert code == 1
+    assert err == (f"fxrewrite: error: {src}: refused: its data.pkl record is {size:,} bytes, more than the "
+                   f"{size - 1:,} a model's pickle takes (tensors are stored apart)\n")
+    assert listing(out) == []
+
+
+def test_a_zip_bomb_is_refused_from_its_declared_sizes(capsys, tmp_path, out, mini_model):
+    """Records declaring far more bytes than the file could hold (deflate bombs) are refused unread."""
+    import struct
+
+    src = save_checkpoint(mini_model, tmp_path / "bomb.pt")
+    data = bytearray(src.read_bytes())
+    central = data.index(b"PK\x01\x02")  # the first record's central-directory entry: declare 4 GB
+    data[central + 24:central + 28] = struct.pack("<I", 0xFFFF0000)
+    src.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert code == 1
+    assert_one_line_error(err, f"{src}: refused: its records would expand to ")
+    assert err.endswith(f"bytes from a {len(data):,}-byte file (a zip bomb?)\n")
+    assert listing(out) == []
+
+
+def test_a_damaged_zip_header_is_a_checkpoint_error(tmp_path):
+    """Found by scripts/fuzz_rules.py: a local header whose name length runs into the pickle made
+    zipfile raise UnicodeDecodeError, which escaped load_checkpoint."""
+    path = tmp_path / "damaged.pt"
+    torch.save({"model": None}, path)
+    data = bytearray(path.read_bytes())
+    data[27] = 0x01  # the first record's local file-name length grows by 256 bytes (into the pickle)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: truncated or corrupt zip archive (UnicodeDecodeError: ")

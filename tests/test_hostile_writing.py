@@ -154,6 +154,28 @@ def test_with_force_a_failure_keeps_the_previous_outputs(capsys, monkeypatch, un
     assert {name: (out / name).read_bytes() for name in listing(out)} == before
 
 
+def test_with_force_a_publishing_failure_restores_the_previous_outputs(capsys, monkeypatch, untouched, out):
+    """The new gelan.pt was already renamed over the old one when renaming gelan.yaml fails: the old
+    gelan.pt comes back (from a hard-linked backup), and no backup or temporary file is left."""
+    for name in ("gelan.pt", "gelan.yaml", "gelan.params.json"):
+        (out / name).write_bytes(f"previous {name}".encode())
+    real_commit = fio._commit
+    calls = []
+
+    def flaky(temp, target, force, shown):
+        calls.append(target.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_commit(temp, target, force, shown)
+
+    monkeypatch.setattr(fio, "_commit", flaky)
+    code, _, err = convert(capsys, untouched, out, "--force")
+    assert (code, err) == (130, "fxrewrite: interrupted; no output was written\n")
+    assert calls == ["gelan.pt", "gelan.yaml"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        name: f"previous {name}".encode() for name in ("gelan.pt", "gelan.yaml", "gelan.params.json")}
+
+
 def test_with_draw_a_failed_write_removes_the_new_drawings(capsys, monkeypatch, untouched, tmp_path, out):
     fail_nth_output(monkeypatch, 4, limit=10)  # before.svg, after.svg, diff.svg are written first
     drawings = tmp_path / "drawings"
@@ -232,3 +254,14 @@ def test_draw_needs_force_for_an_existing_output(capsys, tmp_path, untouched):
     assert code == 1
     assert err == f"fxrewrite: error: {output}: output already exists (use force=True / --force to overwrite)\n"
     assert output.read_text() == "keep me"
+
+
+def test_draw_refuses_an_output_whose_dot_fallback_is_the_input(capsys, tmp_path, source):
+    """Without Graphviz, ``draw -o x.svg`` writes the DOT source to x.dot: an input named x.dot is refused."""
+    src = tmp_path / "x.dot"
+    src.write_bytes(source.read_bytes())
+    code, _, err = run_cli(capsys, "draw", src, "-o", tmp_path / "x.svg")
+    assert code == 1
+    assert err == (f"fxrewrite: error: {tmp_path / 'x.dot'}: output is the same file as the input {src}; "
+                   "refusing to overwrite an input\n")
+    assert src.read_bytes() == source.read_bytes()

@@ -45,6 +45,11 @@ __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_check
 
 # How torch wrote files before the zip format (torch < 1.6): a pickled magic number first.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+#: Largest data.pkl record read (the pickle of the objects; tensor data lives in other records). A
+#: yolov9-e training checkpoint's is a few megabytes.
+MAX_PICKLE_BYTES = 100_000_000
+#: How much more than 4x its size a (re-compressed) checkpoint's records may expand to when read.
+MAX_EXPANSION_BYTES = 1 << 30
 _REGISTER_HINT = "fxrewrite.yolov9.register_block"
 
 
@@ -111,9 +116,22 @@ def _read_data_pkl(path: Path, shown: str) -> bytes:
                 if any(n.endswith("/constants.pkl") for n in names):
                     raise CheckpointError(f"{shown}: a TorchScript archive, not a torch.save checkpoint")
                 raise CheckpointError(f"{shown}: a zip archive but not a torch checkpoint (no data.pkl record)")
+            declared = sum(info.file_size for info in archive.infolist())
+            on_disk = path.stat().st_size
+            if declared > 4 * on_disk + MAX_EXPANSION_BYTES:  # torch.save stores records uncompressed
+                raise CheckpointError(f"{shown}: refused: its records would expand to {declared:,} bytes from a "
+                                      f"{on_disk:,}-byte file (a zip bomb?)")
+            size = archive.getinfo(pickles[0]).file_size  # zipfile never reads past it (a zip bomb stops there)
+            if size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"{shown}: refused: its data.pkl record is {size:,} bytes, more than the "
+                                      f"{MAX_PICKLE_BYTES:,} a model's pickle takes (tensors are stored apart)")
             return archive.read(pickles[0])
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
         raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({exc})") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - damaged headers: a name that is not UTF-8, an unknown method...
+        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({type(exc).__name__}: {exc})") from None
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
@@ -232,6 +250,13 @@ def _torch_load(path: Path, shown: str) -> Any:
         # PytorchStreamReader errors (bad CRC, missing tensor record, short file)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({first})") from None
+    except Exception as exc:  # noqa: BLE001
+        # A malformed pickle whose names all passed the allow-list: the weights-only unpickler fails on
+        # it with whatever its opcodes provoke (a memo key that is not there, an allowed function used as
+        # a class, an index out of range...). Nothing was executed; the file is corrupt or crafted.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{shown}: corrupt or malformed pickle in data.pkl ({type(exc).__name__}"
+                              f"{': ' + first if first else ''}); nothing from the file was executed") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -293,9 +318,14 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     _vet_globals(found, shown)
     obj = _torch_load(file, shown)
     model, which, entries = _pick_model(obj, shown)
-    stored = _float_dtype(model)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
+    try:  # walks every module and tensor: a model unpickled from a crafted or damaged file may be malformed
+        stored = _float_dtype(model)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{shown}: the pickled model is malformed ({type(exc).__name__}"
+                              f"{': ' + first if first else ''})") from None
     return LoadedCheckpoint(path=file, model=model, weights=which, entries=entries, stored_dtype=stored)
 
 
@@ -390,6 +420,25 @@ def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = T
     return frozen
 
 
+class _FirstWriteError:
+    """A binary file that remembers the first exception its ``write`` raised."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle = handle
+        self.error: BaseException | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def _check_saveable(model: nn.Module, official_names: dict[type, str], loadable: set[str], shown: str) -> None:
     """Name every layer class that has no official name, before any work is done."""
     if type(model) not in official_names:
@@ -469,13 +518,20 @@ def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extr
     pickle_module = _pickle_module(official_names, loadable)
 
     def write(handle: BinaryIO) -> None:
+        recorder = _FirstWriteError(handle)
         try:
-            torch.save(ckpt, handle, pickle_module=pickle_module)
+            torch.save(ckpt, recorder, pickle_module=pickle_module)
         except _UnsaveableGlobal as exc:
             raise CheckpointError(
                 f"{shown}: cannot save: the checkpoint would reference {exc}, which load_checkpoint does not "
                 "allow; nothing was written"
             ) from None
+        except BaseException:
+            # When writing fails (disk full, Ctrl-C), torch's zip writer fails again while closing the
+            # archive and raises an "enforce fail ... unexpected pos" RuntimeError instead: report the cause.
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
 
     return write
 

@@ -87,7 +87,10 @@ def run_draw(args: argparse.Namespace) -> int:
     from .drawing import layer_clusters
 
     out = Path(args.output)
-    check_output(out, force=args.force, inputs=[args.input] if args.input else [])
+    inputs = [args.input] if args.input else []
+    check_output(out, force=args.force, inputs=inputs)
+    if out.suffix.lower() not in (".dot", ".gv"):  # without Graphviz the DOT source goes to OUT.dot instead
+        check_output(out.with_suffix(".dot"), force=True, inputs=inputs)
     model, origin = _load(args)
     result = trace_and_rewrite(model, _rule_set(args.rules), ops=args.ops)
     drawing = draw_rewrite(result, view=args.view, clusters=layer_clusters(result, model.yaml),
