@@ -23,7 +23,7 @@ from .registry import Param, register_action, register_check, register_module_cl
 from .engine import RewriteContext, RewriteResult, RuleLog, rewrite
 from . import actions as _actions, checks as _checks  # noqa: F401  (register the built-ins)
 from .rule_file import load_rules
-from .rebind import Rebound, bind_tensors, rebind
+from .rebind import Rebound, bind_tensors, clone_module, rebind
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -33,6 +33,6 @@ __all__ = [
     "Pattern", "Count", "Match", "Rule", "Check", "RuleSet", "load_rules",
     "register_action", "register_check", "register_module_class", "Param",
     "rewrite", "RewriteResult", "RewriteContext", "RuleLog",
-    "rebind", "bind_tensors", "Rebound", "verify", "VerifyReport",
+    "rebind", "bind_tensors", "clone_module", "Rebound", "verify", "VerifyReport",
     "FxRewriteError", "RuleFileError", "RuleProblem", "RewriteError", "RebindError", "VerifyError",
 ]

@@ -21,7 +21,6 @@ by their official names, so the file also loads in the reference code.
 from __future__ import annotations
 
 import _compat_pickle
-import copy
 import io
 import json
 import os
@@ -29,6 +28,7 @@ import pickle
 import pickletools
 import re
 import types
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import FxRewriteError
+from ..rebind import clone_module
 from ..io import PathLike, atomic_writes, check_output
 from .classes import allowed_globals, official_aliases
 
@@ -240,10 +241,12 @@ def _safe_global_pairs() -> list[tuple[Any, str]]:
     return pairs
 
 
-def _torch_load(path: Path, shown: str) -> Any:
+def _torch_load(path: Path, shown: str, *, mmap: bool = False) -> Any:
     try:
-        with torch.serialization.safe_globals(_safe_global_pairs()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_global_pairs()), warnings.catch_warnings():
+            # torch warns about protocol-4 pickles on stderr; such a file loads or is refused like any other
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _explain_unpickling_error(exc, shown) from None
     except RuntimeError as exc:
@@ -298,25 +301,35 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32) -> LoadedCheckpoint:
+def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32,
+                    mmap: bool = False) -> LoadedCheckpoint:
     """Load a YOLOv9 checkpoint (train.py / train_dual.py layout) into our classes.
 
     Nothing from the file is executed and the reference code is not needed.
     The EMA weights are used when present (``weights == "ema"``), else
     ``model``. Floating-point weights are converted to ``dtype`` (float32 by
     default, as the reference loader does); ``dtype=None`` keeps them as stored.
-    Raises :class:`CheckpointError` naming the file and the problem.
+    ``mmap=True`` maps tensor data from the file instead of reading it (copy on
+    write: the file is never modified; it must not be replaced while the
+    tensors are in use). Raises :class:`CheckpointError` naming the file and the problem.
     """
     shown = os.fspath(path)
     file = Path(shown)
     _check_container(file, shown)
-    data = _read_data_pkl(file, shown)
+    data = _read_data_pkl(file, shown)  # refuses zip bombs and oversized pickles before torch reads anything
     try:
-        found = pickle_globals(data)
-    except Exception as exc:  # genops: truncated or garbage opcode stream
-        raise CheckpointError(f"{shown}: corrupt pickle in data.pkl ({exc})") from None
-    _vet_globals(found, shown)
-    obj = _torch_load(file, shown)
+        obj = _torch_load(file, shown, mmap=mmap)
+    except CheckpointError:
+        # torch's weights-only unpickler refused the file (it is the safety boundary: nothing ran).
+        # Say precisely why: every global the pickle names, found without unpickling it, is vetted
+        # (Ultralytics classes, unknown blocks listed with how to register them, refused gadgets).
+        # Scanning only on failure keeps a sound file's load at one pass over its pickle.
+        try:
+            found = pickle_globals(data)
+        except Exception as exc:  # genops: truncated or garbage opcode stream
+            raise CheckpointError(f"{shown}: corrupt pickle in data.pkl ({exc})") from None
+        _vet_globals(found, shown)
+        raise
     model, which, entries = _pick_model(obj, shown)
     try:  # walks every module and tensor: a model unpickled from a crafted or damaged file may be malformed
         stored = _float_dtype(model)
@@ -360,11 +373,58 @@ def _pickle_module(official_names: dict[type, str], loadable: set[str]) -> types
 
         def dump(self, obj):
             super().dump(obj)
-            self._target.write(_official_globals(self._buffer.getvalue(), renames, loadable))
+            data = self._buffer.getvalue()
+            renamed = _official_globals_by_memo(data, self.memo.copy(), renames, loadable)
+            self._target.write(renamed if renamed is not None else _official_globals(data, renames, loadable))
 
     module = types.ModuleType("fxrewrite_official_pickle")
     module.Pickler = Pickler
     return module
+
+
+def _official_globals_by_memo(data: bytes, memo: dict, renames: dict[str, str], loadable: set[str]) -> bytes | None:
+    """:func:`_official_globals` without walking every opcode, or None when it cannot be sure.
+
+    The C pickler memoizes every class and function it writes as a global, right after
+    writing it: ``GLOBAL module\\nname\\n`` then ``BINPUT k`` (``LONG_BINPUT`` past 255),
+    with ``k`` the object's index in ``memo``. So each class to rename is located by
+    that exact byte sequence, which it writes once. When the sequence is not found
+    exactly once (a string value might spell it out), when a global is neither renamed
+    nor plainly loadable, or when a renamed class's name is left anywhere in GLOBAL
+    form, the opcode walk decides instead.
+    """
+    edits = []
+    for index, obj in memo.values():
+        if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            continue
+        module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qual, str):
+            return None
+        if "." in qual:  # a nested name is written as getattr(parent, name): both are memo entries of their own
+            continue
+        official = renames.get(f"{module}.{qual}")
+        if official is None:
+            if f"{module}.{qual}" not in loadable:
+                return None  # the walk names it (or finds the pickle wrote it under another name)
+            continue
+        put = b"q" + bytes([index]) if index < 256 else b"r" + index.to_bytes(4, "little")
+        written = b"c" + module.encode() + b"\n" + qual.encode() + b"\n"
+        at = data.find(written + put)
+        if at < 0 or data.find(written + put, at + 1) >= 0:
+            return None
+        o_module, _, o_qual = official.rpartition(".")
+        edits.append((at, at + len(written), b"c" + o_module.encode() + b"\n" + o_qual.encode() + b"\n"))
+    pieces, last = [], 0
+    for start, end, replacement in sorted(edits):
+        pieces += [data[last:start], replacement]
+        last = end
+    pieces.append(data[last:])
+    result = b"".join(pieces)
+    for dotted in renames:
+        module, _, qual = dotted.rpartition(".")
+        if b"c" + module.encode() + b"\n" + qual.encode() + b"\n" in result:
+            return None
+    return result
 
 
 def _official_globals(data: bytes, renames: dict[str, str], loadable: set[str]) -> bytes:
@@ -400,16 +460,16 @@ def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = T
     it is rewritten to the official path, as the reference builder would set it.
     """
     dtype = torch.float16 if half else torch.float32
-    # Deep-copy the modules but give the copy new Parameter objects over the same storage when the
-    # dtype already matches: no tensor data is copied unless a conversion is needed.
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        data = p.detach().to(dtype) if p.is_floating_point() else p.detach()
-        memo[id(p)] = nn.Parameter(data, requires_grad=False)
-    for b in model.buffers():
-        memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
-    frozen = copy.deepcopy(model, memo)
-    frozen = frozen.half() if half else frozen.float()
+
+    def frozen_tensor(t: torch.Tensor) -> torch.Tensor:
+        # New Parameter objects over the same storage when the dtype already matches: no tensor
+        # data is copied unless a conversion is needed.
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(t.detach().to(dtype) if t.is_floating_point() else t.detach(), requires_grad=False)
+        return t.to(dtype) if t.is_floating_point() else t.clone()
+
+    frozen = clone_module(model, tensor_fn=frozen_tensor)  # new modules: the caller's are never touched
+    frozen = frozen.half() if half else frozen.float()  # also the head's plain stride/anchor tensors
     for p in frozen.parameters():
         p.requires_grad_(False)
     for m in frozen.modules():

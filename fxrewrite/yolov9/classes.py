@@ -159,21 +159,27 @@ def _numpy_globals() -> dict[str, Any]:
 
 
 def fused_forward(obj: Any, name: str) -> Any:
-    """What ``builtins.getattr`` loads as: ``getattr`` limited to a block's ``forward_fuse``.
+    """What ``builtins.getattr`` loads as: ``getattr`` limited to the two methods YOLOv9 pickles.
 
     The official ``fuse()`` sets ``block.forward = block.forward_fuse`` on each fused
     block (an instance attribute holding a bound method), and pickle writes such a
-    method as ``getattr(block, "forward_fuse")``. A fused model's checkpoint
-    therefore references ``builtins.getattr``; loading it calls this instead, which
-    refuses any other name and any object that is not one of the YOLOv9 blocks.
+    method as ``getattr(block, "forward_fuse")``. The segmentation heads keep the
+    detection head's forward function (``self.detect = DDetect.forward``), which
+    pickle writes as ``getattr(DDetect, "forward")``. Such checkpoints reference
+    ``builtins.getattr``; loading them calls this instead, which refuses any other
+    name and any object that is not one of the YOLOv9 blocks (or, for ``forward``,
+    block classes).
     """
     import pickle
 
     blocks = set(official_aliases().values())
-    if name != "forward_fuse" or type(obj) not in blocks or not callable(getattr(type(obj), name, None)):
+    fused = name == "forward_fuse" and type(obj) in blocks and callable(getattr(type(obj), name, None))
+    head_function = name == "forward" and isinstance(obj, type) and obj in blocks
+    if not (fused or head_function):
+        shown = obj.__name__ if isinstance(obj, type) else type(obj).__name__
         raise pickle.UnpicklingError(
-            f"refused getattr({type(obj).__name__}, {name!r}): a YOLOv9 checkpoint may only refer to "
-            "the forward_fuse method of its blocks")
+            f"refused getattr({shown}, {name!r}): a YOLOv9 checkpoint may only refer to "
+            "the forward_fuse method of its blocks and the forward function of their classes")
     return getattr(obj, name)
 
 

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--rules", nargs="+", metavar="FILE",
                    help="rule files to apply instead of the shipped yolov9 rules (shipped names work: yolov9)")
     p.add_argument("--verify", action="store_true",
-                   help="compare the converted model with the training model's main output on random input")
+                   help="compare the converted model with the training model's main output on random input, "
+                        "and check that the derived config builds exactly the converted model's tensors")
     p.add_argument("--imgsz", type=int, nargs="+", default=[DEFAULT_VERIFY_SIZE], metavar="N",
                    help="verification image size: N or H W (default 640)")
     p.add_argument("--dry-run", action="store_true", help="print the layer map and write nothing")
@@ -131,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"verify: {size[0]}x{size[1]} random image, converted vs training main output: {report}")
         if not report.equal and report.max_abs_diff > 0:
             print("verify: WARNING: outputs differ")
+        conversion.check_config()
+        print(f"verify: the derived config builds exactly the converted model's "
+              f"{len(conversion.model.state_dict()):,} tensors (names and shapes)")
     if args.fuse:
         conversion = _fused(conversion, args)
     if args.dry_run:
@@ -204,7 +208,7 @@ def _load(args) -> tuple[torch.nn.Module, str]:
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(args.input)
+    loaded = load_checkpoint(args.input, mmap=True)  # tensor data is read once, while converting to fp32
     stored = str(loaded.stored_dtype).replace("torch.", "") if loaded.stored_dtype else "unknown dtype"
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 

@@ -9,9 +9,12 @@ The pipeline, with no layer index written anywhere:
    is pruned, pass-through ``Silence`` layers are collapsed;
 3. the kept layers are renumbered in graph order and a config is derived from
    the graph: every ``from`` is rewritten from the node's actual inputs;
-4. a fresh model is built from that config on the ``meta`` device (free) and each
-   of its tensors is bound to its origin through the rewrite's provenance
-   (:func:`fxrewrite.bind_tensors`): shapes checked, tensors shared, not copied.
+4. the converted model is assembled from the rewritten graph's layers, cloned
+   (:func:`fxrewrite.clone_module`: new module objects, the same tensors; nothing
+   is built or initialised); each tensor's origin comes from the rewrite's
+   provenance, and the derived config is checked to describe the result
+   (:meth:`Conversion.check_config` compares every tensor with a model built
+   from the config on the ``meta`` device).
 
 >>> import torch
 >>> from fxrewrite.yolov9 import DetectionModel, convert
@@ -27,6 +30,7 @@ True
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +41,10 @@ from .. import trace as fx_trace
 from ..engine import RewriteResult, rewrite
 from ..errors import FxRewriteError, RebindError
 from ..pattern import input_nodes
-from ..rebind import bind_tensors
-from ..rule_file import load_rules
+from ..rebind import clone_module
+from ..rule_file import load_rules, shipped_rules_dir
 from ..rules import RuleSet
-from ..shapes import ShapePropagationError
+from ..shapes import ShapePropagationError, shape_tree
 from ..tensors import named_tensors
 from ..verify import VerifyReport, verify
 
@@ -83,6 +87,18 @@ class Conversion:
     def params_after(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def check_config(self) -> None:
+        """Build the derived config on the ``meta`` device (no memory) and check that it makes exactly
+        the converted model's tensors, names and shapes; raise :class:`ConversionError` naming the
+        first that differs. (:func:`convert` checks layer channels and replaced layers only.)"""
+        from .model import ConfigError
+
+        try:
+            skeleton = _build(self.source, self.config, self.model.model[-1])
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConversionError(f"the derived config cannot be built: {exc}") from None
+        _compare_tensors(self.model, skeleton, "", "the derived config does not describe the converted model: ")
+
     def verify(self, inputs: torch.Tensor) -> VerifyReport:
         """Compare the converted model's output with the training model's main output on ``inputs``."""
         modes = _set_eval(self.source), _set_eval(self.model)
@@ -95,8 +111,15 @@ class Conversion:
 
 
 def default_rules() -> RuleSet:
-    """The shipped ``rules/yolov9.yaml``."""
-    return load_rules("yolov9")
+    """The shipped ``rules/yolov9.yaml`` (compiled once per process while the file is unchanged)."""
+    stat = (shipped_rules_dir() / "yolov9.yaml").stat()
+    compiled = _compiled_shipped_rules("yolov9", stat.st_mtime_ns, stat.st_size)
+    return RuleSet(list(compiled.rules), compiled.max_iterations, compiled.source, compiled.plugins)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_shipped_rules(name: str, mtime_ns: int, size: int) -> RuleSet:
+    return load_rules(name)
 
 
 def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int | None = None) -> Conversion:
@@ -119,20 +142,8 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
         raise ConversionError(f"nothing to convert: the model ({head} head) has no auxiliary layers "
                               f"for the rules to remove; it is already an inference model")
     config = derive_config(model.yaml, kept, old_index, result)
-    converted = _build(model, config, result.module.get_submodule(kept[-1].target))
-    layer_target = {k: n.target for k, n in enumerate(kept)}
-    sources = dict(named_tensors(model))
-
-    def origin(name: str) -> str | None:
-        _, k, rest = name.split(".", 2)
-        return result.param_map.get(f"{layer_target[int(k)]}.{rest}")
-
-    try:
-        param_map = bind_tensors(converted, sources, origin)
-    except RebindError:
-        check_against_config(model)
-        raise
-    _materialise_plain_tensors(converted, result.module, layer_target)
+    converted, param_map = _assemble(model, config, kept, result)
+    _check_config_describes(model, config, kept, converted, result)
     _copy_model_attributes(model, converted)
     converted.eval()
     status = result.node_status
@@ -296,27 +307,91 @@ def _head_strides(head: nn.Module | None) -> list[float] | None:
     return [float(s) for s in stride.tolist()]
 
 
-def _materialise_plain_tensors(converted: nn.Module, rewritten: fx.GraphModule, layer_target: dict[int, str]) -> None:
-    """Tensors kept as plain attributes (a head's ``stride``, cached anchors) were built on ``meta``:
-    take the rewritten module's value where it has one, else an empty CPU tensor of the same shape."""
-    for name, module in converted.named_modules():
-        for attr, value in list(vars(module).items()):
-            if not isinstance(value, torch.Tensor) or not value.is_meta or attr.startswith("_"):
-                continue
-            replacement = None
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[0] == "model" and parts[1].isdigit():
-                try:
-                    twin = rewritten.get_submodule(".".join([layer_target[int(parts[1])], *parts[2:]]))
-                    replacement = getattr(twin, attr, None)
-                except AttributeError:
-                    replacement = None
-            if not isinstance(replacement, torch.Tensor) or replacement.shape != value.shape:
-                replacement = torch.zeros(value.shape, dtype=value.dtype)
-            setattr(module, attr, replacement)
-    head = converted.model[-1]
-    if isinstance(getattr(head, "stride", None), torch.Tensor):
-        converted.stride = head.stride
+def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
+              result: RewriteResult) -> tuple[nn.Module, dict[str, Any]]:
+    """The converted model: the rewritten graph's layers, renumbered, as a model of the source's kind.
+
+    Each layer is a structural clone of the rewritten module (new module objects, the same
+    tensors: nothing is built, allocated or initialised), in fxrewrite's classes (a layer of
+    the official code becomes its registered twin). Returns the model and new tensor name
+    -> origin in the training model, from the rewrite's provenance.
+    """
+    from .model import DetectionModel, SegmentationModel
+
+    entries = list(config["backbone"]) + list(config["head"])
+    layers, param_map = [], {}
+    for k, node in enumerate(kept):
+        layer = clone_module(result.module.get_submodule(node.target), class_for=_fxrewrite_class)
+        layer.i, layer.f = k, copy.deepcopy(entries[k][0])
+        if not isinstance(getattr(layer, "type", None), str):  # a module a rule built has no label yet
+            layer.type = f"{type(layer).__module__}.{type(layer).__qualname__}"
+        layer.np = sum(p.numel() for p in layer.parameters())
+        for name, _ in named_tensors(layer):
+            origin = result.param_map.get(f"{node.target}.{name}")
+            if origin is None:
+                raise RebindError(f"model.{k}.{name}: no origin recorded for this tensor")
+            param_map[f"model.{k}.{name}"] = origin
+        layers.append(layer)
+    cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
+    return cls.from_layers(config, layers), param_map
+
+
+def _fxrewrite_class(cls: type) -> type:
+    """fxrewrite's class for a layer class of the official code (same name, same layout), else ``cls``."""
+    from .classes import official_aliases
+
+    return official_aliases().get(f"{cls.__module__}.{cls.__qualname__}", cls)
+
+
+def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node], converted: nn.Module,
+                            result: RewriteResult) -> None:
+    """Check, without building a model, that ``config`` describes ``converted``.
+
+    Every layer's output channels (from shape propagation) must be what the config's channel
+    bookkeeping gives, and each layer a rule replaced must hold exactly the tensors its config
+    line builds (that one layer is built on the ``meta`` device). Kept layers are the training
+    model's own modules on their own config lines: a mismatch there means the training model's
+    weights contradict its config, reported by :func:`check_against_config` naming the tensor.
+    :meth:`Conversion.check_config` compares every tensor (``--verify``).
+    """
+    from .model import ConfigError, _plan_layers
+
+    try:
+        plans = _plan_layers(copy.deepcopy(config), _input_channels(model), None)
+    except ConfigError as exc:
+        raise ConversionError(f"the derived config cannot be built: {exc}") from None
+    for k, (plan, node) in enumerate(zip(plans, kept)):
+        produced = _output_channels(node)
+        if plan.out_channels is not None and produced is not None and produced != plan.out_channels:
+            check_against_config(model)
+            raise ConversionError(f"the derived config does not describe the converted model: layer {k} "
+                                  f"({plan.name}) outputs {produced} channels, the config makes it "
+                                  f"{plan.out_channels}")
+        if result.node_status.get(node.name) == "replaced":
+            with torch.device("meta"):
+                built = plan.instantiate()
+            _compare_tensors(converted.model[k], built, f"model.{k}.",
+                             "the derived config does not describe the converted model: ")
+
+
+def _output_channels(node: fx.Node) -> int | list[int] | None:
+    shapes = shape_tree(node)
+    if isinstance(shapes, tuple) and len(shapes) == 4 and all(isinstance(d, int) for d in shapes):
+        return shapes[1]
+    if isinstance(shapes, (list, tuple)) and shapes and all(isinstance(s, tuple) and len(s) == 4 for s in shapes):
+        return [s[1] for s in shapes]  # CBLinear: its routed outputs
+    return None
+
+
+def _compare_tensors(actual: nn.Module, expected: nn.Module, prefix: str, problem: str) -> None:
+    """Raise a ConversionError naming the first tensor whose name or shape differs."""
+    want = {name: tuple(t.shape) for name, t in named_tensors(expected)}
+    have = {name: tuple(t.shape) for name, t in named_tensors(actual)}
+    for name in [*want, *(n for n in have if n not in want)]:
+        if want.get(name) != have.get(name):
+            raise ConversionError(
+                f"{problem}{prefix}{name} " + (f"has shape {have[name]}" if name in have else "is missing")
+                + ", the config " + (f"makes it {want[name]}" if name in want else "has no such tensor"))
 
 
 def _copy_model_attributes(source: nn.Module, converted: nn.Module) -> None:

@@ -206,8 +206,14 @@ _register_defaults()
 
 def _registered_role(module: nn.Module) -> str | None:
     """Role under which the class of ``module`` is registered (None if unregistered)."""
+    cls = type(module)
     for entry in _BLOCKS.values():
-        if entry.target is type(module):
+        target = entry.target
+        if isinstance(target, str):  # not imported yet: only a class of the same name can be it
+            if target.rpartition(":")[2] != cls.__name__:
+                continue
+            target = entry.resolve()
+        if target is cls:
             return entry.role
     return None
 
@@ -508,14 +514,20 @@ def parse_model(
                 meta_layers.append(layer)
         layers = meta_layers if _default_device_is_meta() else [plan.instantiate() for plan in plans]
 
-    save: list[int] = []
-    for plan in plans:
-        for j in plan.source if isinstance(plan.source, list) else [plan.source]:
-            if j != -1:
-                save.append(j % plan.index)
     for plan, layer in zip(plans, layers):
         LOGGER.debug("%3d %18s %3d %10d  %-40s %s", plan.index, plan.source, plan.repeats, layer.np, layer.type, plan.args)
-    return nn.Sequential(*layers), sorted(save)
+    return nn.Sequential(*layers), save_indices([plan.source for plan in plans])
+
+
+def save_indices(sources: Sequence[int | list[int]]) -> list[int]:
+    """The layers whose outputs later layers read, given each layer's ``from``: sorted, with
+    repetitions, as the reference's ``save`` list."""
+    save: list[int] = []
+    for index, source in enumerate(sources):
+        for j in source if isinstance(source, list) else [source]:
+            if j != -1:
+                save.append(j % index)
+    return sorted(save)
 
 
 def initialize_weights(model: nn.Module) -> None:
@@ -713,6 +725,29 @@ class DetectionModel(BaseModel):
             if hasattr(head, "bias_init"):
                 head.bias_init()
         initialize_weights(self)
+
+    @classmethod
+    def from_layers(cls, config: Mapping[str, Any], layers: Sequence[nn.Module]) -> "DetectionModel":
+        """A model around ``layers`` that ``config`` describes, without building or initialising anything.
+
+        Used to assemble a converted model from existing layers (their tensors and settings are
+        kept as they are); each layer must already carry its ``i`` and ``f``, and the head its
+        ``stride``. ``config`` is copied.
+        """
+        model = cls.__new__(cls)
+        BaseModel.__init__(model)
+        model.yaml = copy.deepcopy(dict(config))
+        model.yaml.setdefault("ch", 3)
+        model.model = nn.Sequential(*layers)
+        model.save = save_indices([layer.f for layer in layers])
+        model.names = [str(i) for i in range(model.yaml["nc"])]
+        model.inplace = model.yaml.get("inplace", True)
+        head = model.model[-1]
+        if _registered_role(head) in _HEAD_ROLES:
+            head.inplace = model.inplace
+            if isinstance(getattr(head, "stride", None), torch.Tensor):
+                model.stride = head.stride
+        return model
 
     def _measure_strides(self, ch: int) -> list[float]:
         """Run a zero image through a meta-device copy of the state and compare feature sizes."""

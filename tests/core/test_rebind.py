@@ -171,3 +171,60 @@ def test_bind_from_a_rewrite_param_map(stack):
     assert bound == {"0.weight": "0.weight", "0.bias": "0.bias", **{f"1.{t}": f"2.{t}" for t in BN},
                      "2.weight": "4.weight", "2.bias": "4.bias"}
     assert torch.equal(fresh.eval()(x), model(x))
+
+
+# -- clone_module ------------------------------------------------------------------------------
+class _Tied(torch.nn.Module):
+    """Two names for one submodule, a plain tensor attribute, a list setting and a bound method."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+        self.again = self.conv
+        self.bn = torch.nn.BatchNorm2d(2)
+        self.register_buffer("scale", torch.ones(2))
+        self.anchors = torch.arange(3.0)
+        self.sizes = [1, 2]
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.scale.view(1, -1, 1, 1)
+
+    def forward_plain(self, x):
+        return self.conv(x)
+
+
+def test_clone_module_new_modules_same_tensors_and_independent_settings():
+    from fxrewrite import clone_module
+
+    model = _Tied()
+    model.forward = model.forward_plain  # as the official fuse() does
+    twin = clone_module(model)
+    assert twin is not model and twin.conv is not model.conv and twin.again is twin.conv
+    assert twin.conv.weight is model.conv.weight and twin.scale is model.scale and twin.anchors is model.anchors
+    assert twin.forward.__self__ is twin and twin.forward.__func__ is _Tied.forward_plain
+    twin.sizes.append(3)
+    twin.bn.eps = 0.5
+    del twin.bn
+    twin.register_buffer("extra", torch.zeros(1))
+    assert model.sizes == [1, 2] and model.bn.eps == 1e-5 and "extra" not in model._buffers
+    assert list(model.state_dict()) == list(_Tied().state_dict()) and "bn.weight" in model.state_dict()
+
+
+def test_clone_module_tensor_fn_runs_once_per_tensor_and_class_for_swaps_classes():
+    from fxrewrite import clone_module
+
+    class Twin(_Tied):
+        pass
+
+    model = _Tied()
+    calls = []
+
+    def halve(t):
+        calls.append(t)
+        return t.detach().half()
+
+    twin = clone_module(model, tensor_fn=halve, class_for=lambda cls: Twin if cls is _Tied else cls)
+    assert type(twin) is Twin and type(twin.conv) is torch.nn.Conv2d
+    assert len(calls) == len({id(t) for t in calls}) == 8  # conv weight/bias once, although reachable twice
+    assert twin.conv.weight.dtype == torch.float16 and model.conv.weight.dtype == torch.float32
+    assert twin.again.weight is twin.conv.weight

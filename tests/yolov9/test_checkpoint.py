@@ -243,6 +243,31 @@ def test_official_checkpoint_loads_into_our_classes_and_matches_forward(official
 
 
 @requires_official
+def test_official_segmentation_checkpoint_loads_and_converts(tmp_path):
+    """The official segmentation heads keep the detection head's forward function as an instance
+    attribute (``self.detect = DualDDetect.forward``), which pickle writes as
+    ``getattr(models.yolo.DualDDetect, 'forward')``: the loader must accept exactly that."""
+    from fxrewrite.yolov9 import SegmentationModel, convert
+
+    off = official()
+    torch.manual_seed(3)
+    model = off.build(off.small_cfg("yolov9-c-dseg.yaml")).eval()
+    path = tmp_path / "seg.pt"
+    torch.save({"model": copy.deepcopy(model).half(), "ema": None, "epoch": 2}, path)
+    assert "builtins.getattr" in {n.replace("__builtin__.", "builtins.") for n in raw_globals(path)}
+    loaded = load_checkpoint(path)
+    assert type(loaded.model) is SegmentationModel
+    assert loaded.model.model[-1].detect.__qualname__ == "DualDDetect.forward"
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model.half().float()(x)
+        got = loaded.model.eval()(x)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1][2], expected[1][2])
+        converted = convert(loaded.model).model(x)
+        assert torch.equal(converted[0], expected[0]) and torch.equal(converted[1][2], expected[1][2])
+
+
+@requires_official
 @pytest.mark.parametrize("which", ["pgi-from-official", "gelan-built-by-us"])
 def test_our_checkpoint_loads_and_runs_in_the_official_code(which, request, tmp_path):
     official()  # models.* importable, as in a checkout of the reference repository
@@ -622,3 +647,51 @@ def test_save_safetensors_without_the_package(tiny, tmp_path, monkeypatch):
     assert str(err.value) == (f"{tmp_path / 'tiny'}: writing safetensors needs the optional package "
                               "'safetensors' (pip install 'fxrewrite[safetensors]')")
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- fast renaming on save
+def _renaming_spy(monkeypatch):
+    """Record, for every save, what the memo-guided renaming wrote and what the opcode walk writes."""
+    seen = []
+    fast = ckpt_mod._official_globals_by_memo
+
+    def spy(data, memo, renames, loadable):
+        quick = fast(data, memo, renames, loadable)
+        seen.append((quick, ckpt_mod._official_globals(data, renames, loadable)))
+        return quick
+
+    monkeypatch.setattr(ckpt_mod, "_official_globals_by_memo", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["gelan-t", "yolov9-c", "yolov9-c-dseg"])
+def test_memo_guided_renaming_writes_what_the_opcode_walk_writes(monkeypatch, tmp_path, name):
+    from fxrewrite.yolov9 import SegmentationModel
+
+    seen = _renaming_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = (SegmentationModel if "seg" in name else DetectionModel)(name)
+    save_checkpoint(model, tmp_path / "m.pt")
+    [(quick, walked)] = seen
+    assert quick is not None and quick == walked
+    assert b"fxrewrite" not in quick.replace(b"fxrewrite.yolov9", b"")  # no class path of ours is left
+    assert load_checkpoint(tmp_path / "m.pt").model.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_string_spelling_a_global_makes_the_save_fall_back_to_the_opcode_walk(monkeypatch, tmp_path):
+    """A class name that spells out a GLOBAL opcode (with the memo index the pickler gave Conv) makes
+    the byte pattern ambiguous: the opcode walk renames instead, and the string survives intact."""
+    seen = _renaming_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = DetectionModel("gelan-t")
+    save_checkpoint(model, tmp_path / "probe.pt")
+    data = seen[0][1]
+    at = data.index(b"cmodels.common\nConv\n")
+    put = data[at + len(b"cmodels.common\nConv\n"):][:2]  # BINPUT k, as the pickler wrote it
+    assert put[:1] == b"q"
+    crafted = "cfxrewrite.yolov9.blocks\nConv\n" + put.decode("latin-1")
+    model.names = [crafted] + model.names[1:]
+    save_checkpoint(model, tmp_path / "m.pt")
+    quick, walked = seen[1]
+    assert quick is None and walked is not None
+    assert load_checkpoint(tmp_path / "m.pt").model.names[0] == crafted

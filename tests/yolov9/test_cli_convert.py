@@ -108,6 +108,8 @@ def test_convert_a_training_checkpoint_uses_ema_and_writes_three_files(capsys, t
     assert lines[3] == "layer map (new <- old): 0..21 <- 1..22, 22 <- 26"
     assert lines[5] == "verify: 128x160 random image, converted vs training main output: 1 output tensor(s): bitwise equal"
     loaded = load_checkpoint(out)
+    assert lines[6] == (f"verify: the derived config builds exactly the converted model's "
+                        f"{len(loaded.model.state_dict()):,} tensors (names and shapes)")
     assert loaded.weights == "model" and loaded.stored_dtype == torch.float16 and loaded.epoch == -1
     assert loaded.model.names == ["cat", "dog", "bird"]
     derived = yaml.safe_load((tmp_path / "gelan.yaml").read_text())

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+import yaml
 
 from fxrewrite.yolov9 import DetectionModel, SegmentationModel, convert
 from fxrewrite.yolov9.cli import randomise_batchnorm
@@ -62,6 +63,78 @@ def test_derived_config_equals_official_gelan(variant):
     assert layers(derived) == layers(official)
     assert len(derived["backbone"]) == len(official["backbone"])
     assert derived["nc"] == 80
+
+
+@pytest.mark.parametrize("name", [f"yolov9-{v}" for v in VARIANTS] + ["yolov9-c-dseg"])
+def test_derived_config_builds_exactly_the_converted_tensors(name):
+    """The converted model is assembled from the training model's own layers; its config must
+    still build a model with exactly its tensors (what train.py would rebuild from gelan.yaml)."""
+    c = conversion(name)
+    c.check_config()
+    cls = SegmentationModel if "dseg" in name else DetectionModel
+    with torch.device("meta"):
+        rebuilt = cls(c.config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in c.model.state_dict().items()}
+    # Every layer carries the bookkeeping the official forward and parse_model give it.
+    entries = layers(c.config)
+    assert [(m.i, m.f) for m in c.model.model] == [(k, entry[0]) for k, entry in enumerate(entries)]
+    assert [m.np for m in c.model.model] == [sum(p.numel() for p in m.parameters()) for m in rebuilt.model]
+    assert c.model.save == rebuilt.save and torch.equal(c.model.stride, rebuilt.stride)
+
+
+def test_converted_layers_are_new_modules_over_the_training_tensors():
+    """Changing the converted model's structure (fusing it) never touches the training model."""
+    c = conversion("yolov9-t")
+    training = training_model("yolov9-t")
+    kept = {id(m) for m in training.modules()}
+    assert not any(id(m) in kept for m in c.model.modules())
+    fused = copy.deepcopy(c.model).fuse()
+    assert fused is not None and all(hasattr(m, "bn") for m in training.modules() if type(m).__name__ == "Conv")
+    assert all(m.forward.__self__ is m for m in c.model.modules() if "forward" in vars(m))
+
+
+def test_check_config_names_the_first_tensor_the_config_does_not_make():
+    c = copy.copy(conversion("yolov9-t"))
+    c.config = copy.deepcopy(c.config)
+    c.config["backbone"][2][3][0] = 48  # layer 2 (ELAN1) written with 48 output channels, the weights have 32
+    with pytest.raises(ConversionError) as err:
+        c.check_config()
+    assert str(err.value) == ("the derived config does not describe the converted model: "
+                              "model.2.cv4.conv.weight has shape (32, 64, 1, 1), the config makes it (48, 64, 1, 1)")
+
+
+def test_a_rule_building_a_layer_its_config_line_does_not_describe_is_refused():
+    """A replaced layer is checked against its derived config line: the rule builds the block
+    with its widths in the right order, but the line keeps the original arguments, which the new
+    class reads the other way round, so the config would build other tensors."""
+    from fxrewrite import load_rules
+    from fxrewrite import registry
+    from fxrewrite.yolov9 import classes, model as builder, register_block
+    from fxrewrite.yolov9.blocks import ELAN1
+
+    class Swapped(ELAN1):
+        def __init__(self, c1, c2, c4, c3):
+            super().__init__(c1, c2, c3, c4)
+
+    Swapped.__name__ = Swapped.__qualname__ = "ELAN1Swapped"
+    training = training_model("yolov9-t")
+    elan = training.model[2]
+    c1, c3, c4 = elan.cv1.conv.in_channels, elan.cv1.conv.out_channels, elan.cv3.conv.out_channels
+    register_block(Swapped, role="scaled")
+    try:
+        swap = {"name": "swap-elan", "pattern": {"module_class": "ELAN1", "module_name": "model.2"},
+                "action": "replace", "args": {"with": "ELAN1Swapped", "init": {
+                    "c1": c1, "c2": elan.cv4.conv.out_channels, "c4": c4, "c3": c3}}}
+        rules = load_rules(yaml.safe_dump({"rules": [swap]})) + load_rules("yolov9")
+        with pytest.raises(ConversionError) as err:
+            convert(training, rules)
+    finally:
+        builder.unregister_block("ELAN1Swapped")
+        classes.unregister_block("models.common.ELAN1Swapped")
+        registry._MODULE_CLASSES.pop("ELAN1Swapped")
+    assert (c3, c4) == (32, 16)
+    assert str(err.value) == ("the derived config does not describe the converted model: "
+                              f"model.2.cv1.conv.weight has shape (32, {c1}, 1, 1), the config makes it (16, {c1}, 1, 1)")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -167,6 +167,13 @@ def test_the_getattr_a_fused_checkpoint_needs_is_limited_to_forward_fuse(tmp_pat
         fused_forward(Conv(1, 1), "__class__")
     block = Conv(1, 1)
     assert fused_forward(block, "forward_fuse").__self__ is block
+    # The segmentation heads keep a detection head's forward function (self.detect = DDetect.forward).
+    from fxrewrite.yolov9.heads import DDetect
+
+    assert fused_forward(DDetect, "forward") is DDetect.forward
+    for obj, name in ((DDetect, "__init__"), (nn.Conv2d, "forward"), (DDetect, "forward_fuse")):
+        with pytest.raises(pickle.UnpicklingError, match=f"refused getattr\\({obj.__name__}, '{name}'\\)"):
+            fused_forward(obj, name)
 
 
 @requires_official
