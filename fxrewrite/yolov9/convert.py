@@ -316,7 +316,7 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
     the official code becomes its registered twin). Returns the model and new tensor name
     -> origin in the training model, from the rewrite's provenance.
     """
-    from .model import DetectionModel, SegmentationModel
+    from .model import DetectionModel, SegmentationModel, activations_in_place
 
     entries = list(config["backbone"]) + list(config["head"])
     layers, param_map = [], {}
@@ -326,6 +326,10 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
         if not isinstance(getattr(layer, "type", None), str):  # a module a rule built has no label yet
             layer.type = f"{type(layer).__module__}.{type(layer).__qualname__}"
         layer.np = sum(p.numel() for p in layer.parameters())
+        if result.node_status.get(node.name) == "replaced":
+            # A rule built this layer; built from its config line it would have in-place activations
+            # (the reference builder's setting; BatchNorm settings came from the replaced layer).
+            activations_in_place(layer)
         for name, _ in named_tensors(layer):
             origin = result.param_map.get(f"{node.target}.{name}")
             if origin is None:

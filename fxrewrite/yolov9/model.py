@@ -536,11 +536,16 @@ def initialize_weights(model: nn.Module) -> None:
     Convolution weights keep PyTorch's default initialisation.
     """
     for module in model.modules():
-        kind = type(module)
-        if kind is nn.BatchNorm2d:
+        if type(module) is nn.BatchNorm2d:
             module.eps = 1e-3
             module.momentum = 0.03
-        elif kind in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU):
+    activations_in_place(model)
+
+
+def activations_in_place(model: nn.Module) -> None:
+    """The reference builder's activation setting: every activation works in place."""
+    for module in model.modules():
+        if type(module) in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU):
             module.inplace = True
 
 

@@ -80,6 +80,14 @@ def test_derived_config_builds_exactly_the_converted_tensors(name):
     assert [(m.i, m.f) for m in c.model.model] == [(k, entry[0]) for k, entry in enumerate(entries)]
     assert [m.np for m in c.model.model] == [sum(p.numel() for p in m.parameters()) for m in rebuilt.model]
     assert c.model.save == rebuilt.save and torch.equal(c.model.stride, rebuilt.stride)
+    # ... and every module's plain settings (BatchNorm eps/momentum, in-place activations, strides of
+    # convolutions, head sizes) are those the config gives; only the head's anchor cache may differ.
+    def settings(module):
+        return {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in ("training", "shape")
+                and not isinstance(v, (torch.Tensor, torch.nn.Module))}
+
+    built = dict(rebuilt.named_modules())
+    assert [name for name, m in c.model.named_modules() if settings(m) != settings(built[name])] == []
 
 
 def test_converted_layers_are_new_modules_over_the_training_tensors():
