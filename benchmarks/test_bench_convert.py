@@ -12,6 +12,9 @@ methods differ in, on the loaded model: ``convert`` vs building gelan-e and copy
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -93,6 +96,31 @@ def test_fxrewrite_stage(benchmark, loaded_yolov9_e):
 @pytest.mark.benchmark(group="conversion stage only: yolov9-e loaded -> gelan-e model")
 def test_notebook_stage(benchmark, loaded_yolov9_e):
     benchmark.pedantic(notebook_stage, args=(loaded_yolov9_e,), rounds=7, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="convert yolov9-e checkpoint, interleaved A/B")
+def test_paired_ratio(benchmark, yolov9_e_checkpoint, tmp_path):
+    """Each round runs fxrewrite, notebook, notebook, fxrewrite and records (A + A) / (B + B): on a
+    shared machine, blocks of rounds run one after the other drift apart by +-10%; the median of
+    interleaved ratios does not."""
+    ratios = []
+
+    def timed(pipeline, out) -> float:
+        start = time.perf_counter()
+        pipeline(yolov9_e_checkpoint, out)
+        return time.perf_counter() - start
+
+    def abba():
+        a1 = timed(fxrewrite_pipeline, tmp_path / "fx.pt")
+        b1, b2 = timed(notebook_pipeline, tmp_path / "nb.pt"), timed(notebook_pipeline, tmp_path / "nb.pt")
+        a2 = timed(fxrewrite_pipeline, tmp_path / "fx.pt")
+        ratios.append((a1 + a2) / (b1 + b2))
+
+    benchmark.pedantic(abba, rounds=5, iterations=1, warmup_rounds=1)
+    measured = ratios[1:]
+    benchmark.extra_info.update({"ratio_median": statistics.median(measured), "ratios": measured})
+    print(f"\nfxrewrite / notebook, interleaved (ABBA, {len(measured)} rounds): median "
+          f"{statistics.median(measured):.3f}, range {min(measured):.3f}..{max(measured):.3f}")
 
 
 def test_both_pipelines_write_the_same_weights(yolov9_e_checkpoint, tmp_path):

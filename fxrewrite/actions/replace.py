@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .. import registry
@@ -67,23 +68,60 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
     kept_info = {"channels": [_channels(n, rule) for n in kept] if "$kept_inputs.channels" in repr(init) else None,
                  "shapes": [shape_tree(n) for n in kept], "count": len(kept)}
     ctor_args = ctx.resolve(init or {}, match, {"kept_inputs": kept_info})
-    try:
-        new = cls(**ctor_args)
-    except Exception as exc:
-        raise RewriteError(rule, f"cannot build {cls.__name__}({_show(ctor_args)}): {exc}") from None
-    new.train(old.training)
-    sources = _bind(new, old, params or {}, strict, rule)
-    _copy_settings(new, old, sources)
+
+    def build(on_meta: bool) -> tuple[nn.Module, dict]:
+        try:
+            if on_meta:
+                with torch.device("meta"):
+                    new = cls(**ctor_args)
+            else:
+                new = cls(**ctor_args)
+        except Exception as exc:
+            raise RewriteError(rule, f"cannot build {cls.__name__}({_show(ctor_args)}): {exc}") from None
+        new.train(old.training)
+        sources = _bind(new, old, params or {}, strict, rule)
+        _copy_settings(new, old, sources)
+        for attr in copy_attrs or ():
+            if not hasattr(old, attr):
+                raise RewriteError(rule, f"cannot copy attribute {attr!r}: {type(old).__name__} has none")
+            setattr(new, attr, getattr(old, attr))
+        return new, sources
+
+    # With strict binding every parameter and buffer is replaced by an old tensor, so building on the
+    # meta device (no allocation, no initialisation) gives the same module, unless the constructor
+    # also made plain tensor attributes with values: then it is built for real.
+    new = None
+    if strict:
+        try:
+            new, sources = build(on_meta=True)
+        except RewriteError:
+            new = None  # a constructor that cannot run on meta; the real build reports real errors
+        if new is not None and not _materialise_empty_tensors(new, _device_of(old)):
+            new = None
+    if new is None:
+        new, sources = build(on_meta=False)
     taken = set(sources.values())
     ctx.log.dropped += [ctx.param_origin.get(f"{target.target}.{name}") or f"{target.target}.{name}"
                         for name, _ in named_tensors(old) if name not in taken]
-    for attr in copy_attrs or ():
-        if not hasattr(old, attr):
-            raise RewriteError(rule, f"cannot copy attribute {attr!r}: {type(old).__name__} has none")
-        setattr(new, attr, getattr(old, attr))
     target.args, target.kwargs = _rebuild_args(target, kept, rule), {}
     ctx.install_module(target, new, sources)
     derive(target, target, rule, module_class=cls.__name__)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next((t.device for _, t in named_tensors(module)), torch.device("cpu"))
+
+
+def _materialise_empty_tensors(module: nn.Module, device: torch.device) -> bool:
+    """Replace the meta plain tensor attributes of a module built on meta (caches such as ``anchors``)
+    by real ones when they are empty (no values to lose); False, touching nothing, if one holds values."""
+    found = [(m, k, v) for m in module.modules() for k, v in vars(m).items()
+             if isinstance(v, torch.Tensor) and v.is_meta]
+    if any(v.numel() for _, _, v in found):
+        return False
+    for owner, key, value in found:
+        setattr(owner, key, torch.empty(value.shape, dtype=value.dtype, device=device))
+    return True
 
 
 def select_inputs(inputs: list[fx.Node], selector: Any, rule: str) -> list[fx.Node]:

@@ -185,6 +185,47 @@ def test_replace_with_parameter_renaming():
     assert torch.equal(gm(x), model(x))
 
 
+class CachingHead(NewHead):
+    """NewHead with the plain tensor attributes a detection head keeps: an empty cache and a table."""
+
+    def __init__(self, c: int = 4, table: bool = False):
+        super().__init__(c)
+        self.cache = torch.empty(0)
+        if table:
+            self.table = torch.arange(4.0)  # values the constructor computes: no meta stand-in will do
+
+    def forward(self, a):
+        out = self.cv2(a)
+        return out * self.table.view(1, -1, 1, 1) if hasattr(self, "table") else out
+
+
+register_module_class(CachingHead)
+
+
+def test_strict_replace_builds_nothing_real_and_keeps_constructed_values(monkeypatch):
+    """With every tensor re-bound, the new module is built on the meta device (no allocation or
+    initialisation); an empty cache becomes a real empty tensor; a module whose constructor computes
+    tensor values is built for real, so they are kept."""
+    initialised = []
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters",
+                        lambda self, original=torch.nn.Conv2d.reset_parameters: (initialised.append(
+                            self.weight.device.type), original(self))[1])
+    model = seeded(HeadNet())
+    x = example(2, 3, 4, 4)
+    gm = fxrewrite.trace(model, x, leaf_classes=["OldHead"])
+    for table, built_on in ((False, "meta"), (True, "cpu")):
+        initialised.clear()
+        rules = fxrewrite.load_rules(HEAD_TO_INFERENCE.replace("with: NewHead", "with: CachingHead")
+                                     .replace("init: {c: $head.aux.in_channels}", f"init: {{c: 4, table: {table}}}"))
+        head = fxrewrite.rewrite(gm, rules).module.get_submodule("head")
+        assert initialised[-1:] == [built_on]
+        assert head.cache.device.type == "cpu" and head.cache.shape == (0,)
+        assert head.cv2[0].weight is model.head.cv4[0].weight
+        assert not any(t.is_meta for t in [*head.parameters(), *head.buffers()])
+        if table:
+            assert torch.equal(head.table, torch.arange(4.0))
+
+
 def test_replace_without_prune_keeps_the_dead_input_node():
     model = seeded(HeadNet())
     x = example(2, 3, 4, 4)
