@@ -77,6 +77,8 @@ class RuleLog:
         text = f"{self.rule} ({self.action}): {self.matches} matched, {self.rewrites} rewritten"
         if self.rejected:
             text += f", {len(self.rejected)} rejected"
+        if self.dropped:
+            text += f", {len(self.dropped)} tensor{'s' if len(self.dropped) != 1 else ''} dropped"
         return text
 
 

@@ -92,11 +92,14 @@ def bind_tensors(template: nn.Module, sources: Mapping[str, torch.Tensor],
     """Bind every parameter and buffer of ``template`` to ``sources[origin_of(name)]``.
 
     Shapes must match exactly; each source is used at most once; with
-    ``allow_unused=False`` every source must be used. Returns new name -> origin.
+    ``allow_unused=False`` every source must be used. Everything is checked before
+    anything is bound: on a :class:`RebindError` the template is left as it was.
+    Returns new name -> origin.
     """
     lookup = origin_of.get if isinstance(origin_of, Mapping) else origin_of
     bound: dict[str, str] = {}
     used_by: dict[str, str] = {}
+    plan: list[tuple[str, torch.Tensor]] = []
     for name, tensor in list(named_tensors(template)):
         origin = lookup(name)
         if origin is None:
@@ -109,13 +112,15 @@ def bind_tensors(template: nn.Module, sources: Mapping[str, torch.Tensor],
         if tuple(source.shape) != tuple(tensor.shape):
             raise RebindError(f"{name}: shape {tuple(tensor.shape)} does not match its origin {origin} "
                               f"{tuple(source.shape)}")
-        bind_tensor(template, name, _clone(source) if copy else source)
+        plan.append((name, source))
         bound[name] = origin
         used_by[origin] = name
     if not allow_unused:
         unused = sorted(set(sources) - set(used_by))
         if unused:
             raise RebindError(f"{len(unused)} source tensor(s) were not bound: {', '.join(unused[:10])}")
+    for name, source in plan:
+        bind_tensor(template, name, _clone(source) if copy else source)
     return bound
 
 

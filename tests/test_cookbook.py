@@ -118,9 +118,9 @@ def test_drop_p5_in_the_same_pass_as_the_conversion(conversion, gelan):
     assert both.pruned == list(range(19, 29))
     assert both.param_map == {new: conversion.param_map[old] for new, old in two_steps.param_map.items()}
     assert [str(entry) for entry in both.result.log[-3:]] == [
-        "head-on-p3-p4 (replace): 1 matched, 1 rewritten",
+        "head-on-p3-p4 (replace): 1 matched, 1 rewritten, 28 tensors dropped",
         "head-strides (measure_strides): 1 matched, 1 rewritten",
-        "prune-p5-path (prune_unreachable): 0 matched, 1 rewritten",
+        "prune-p5-path (prune_unreachable): 0 matched, 1 rewritten, 174 tensors dropped",
     ]
 
 

@@ -17,6 +17,8 @@ The walk is linear in the size of the graph.
 >>> result = fxrewrite.rewrite(fxrewrite.trace(TwoHeads()), [Rule("main-only", "prune_unreachable", args={"outputs": [0]})])
 >>> [n.name for n in result.module.graph.nodes], result.node_status["aux"]
 (['x', 'main', 'output'], 'pruned')
+>>> result.log[0].dropped
+['aux.weight', 'aux.bias']
 """
 from __future__ import annotations
 
@@ -47,9 +49,19 @@ def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list |
             output.args = (new_value,)
             ctx.mark(output, "kept")
     keep = _reachable(output)
+    gone: list[str] = []
     for node in reversed(list(ctx.graph.nodes)):
         if node not in keep and node.op != "placeholder":
+            if node.op in ("call_module", "get_attr"):
+                gone.append(node.target)
             ctx.erase(node, PRUNED)
+    # The tensors of modules no remaining node uses are dropped (listed in the rule log by origin).
+    used = {n.target for n in ctx.graph.nodes if n.op in ("call_module", "get_attr")}
+    for target in reversed(gone):  # in graph order
+        if target not in used:
+            used.add(target)
+            ctx.log.dropped += [origin for key, origin in ctx.param_origin.items()
+                                if key == target or key.startswith(target + ".")]
 
 
 def _at(ctx: RewriteContext, value: Any, position: Any) -> Any:

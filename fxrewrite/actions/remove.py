@@ -32,7 +32,7 @@ def remove(ctx: RewriteContext, match: Match, node: str = "$root", cascade: bool
     output = ctx.output_node()
     if output in doomed:
         doomed.discard(output)
-        _drop_outputs(ctx, output, doomed)
+        _drop_outputs(ctx, output, doomed, target)
     for n in reversed(list(ctx.graph.nodes)):
         if n in doomed:
             ctx.erase(n, REMOVED)
@@ -48,7 +48,7 @@ def _transitive_users(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _drop_outputs(ctx: RewriteContext, output: fx.Node, doomed: set[fx.Node]) -> None:
+def _drop_outputs(ctx: RewriteContext, output: fx.Node, doomed: set[fx.Node], removed: fx.Node) -> None:
     """Drop, from the output structure, every entry computed from a removed node."""
 
     def keep(value):
@@ -62,6 +62,6 @@ def _drop_outputs(ctx: RewriteContext, output: fx.Node, doomed: set[fx.Node]) ->
 
     value = output.args[0]
     if not isinstance(value, (list, tuple)) or not any(keep(v) for v in value):
-        raise RewriteError(ctx.rule.name, "cannot remove it: every output of the model depends on it")
+        raise RewriteError(ctx.rule.name, f"cannot remove {removed.name}: every output of the model depends on it")
     output.args = (type(value)(v for v in value if keep(v)),)
     ctx.changes += 1

@@ -29,7 +29,7 @@ is a copy sharing its tensors with the input, which is never modified.
 >>> model = DetectionModel("gelan-t").eval()
 >>> fusion = fuse(model)
 >>> [str(entry) for entry in fusion.result.log]
-['merge-repconvn-branches (fuse_repconv): 42 matched, 42 rewritten', 'fold-conv-batchnorm (fuse_conv_bn): 137 matched, 137 rewritten']
+['merge-repconvn-branches (fuse_repconv): 42 matched, 42 rewritten, 84 tensors dropped', 'fold-conv-batchnorm (fuse_conv_bn): 137 matched, 137 rewritten, 137 tensors dropped']
 >>> fusion.params_after
 2407632
 >>> fusion.param_map["model.4.cv2.0.m.0.cv1.conv.weight"]  # a merged RepConvN kernel

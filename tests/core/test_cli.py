@@ -13,7 +13,7 @@ def test_demo(capsys):
     assert captured.err == ""
     assert captured.out.splitlines() == [
         "fxrewrite demo: an example model with an auxiliary branch -> its main output only",
-        "keep-main-output (prune_unreachable): 0 matched, 1 rewritten",
+        "keep-main-output (prune_unreachable): 0 matched, 1 rewritten, 14 tensors dropped",
         "drop-identity (collapse): 1 matched, 1 rewritten",
         "nodes: 13 kept, 8 pruned, 1 collapsed",
         "parameters: 19,588 -> 14,746",

@@ -151,9 +151,14 @@ def test_bind_by_mapping_with_renaming_and_copy(source):
      "5 source tensor(s) were not bound: 1.bias, 1.num_batches_tracked, 1.running_mean, 1.running_var, 1.weight"),
 ])
 def test_bind_tensors_errors(source, origin, kwargs, message):
+    template = meta_template()
+    before = dict(named_tensors(template))
     with pytest.raises(RebindError) as info:
-        fxrewrite.bind_tensors(meta_template(), dict(named_tensors(source)), origin, **kwargs)
+        fxrewrite.bind_tensors(template, dict(named_tensors(source)), origin, **kwargs)
     assert str(info.value) == message
+    # nothing was bound: the template is as it was (no half-bound model)
+    after = dict(named_tensors(template))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
 def test_bind_from_a_rewrite_param_map(stack):

@@ -86,7 +86,7 @@ def test_remove_without_cascade_is_refused(chain):
 def test_remove_with_cascade_of_every_output_is_refused(chain):
     model, x, gm, snapshot = chain
     refused(gm, [Rule("rm", "remove", Pattern(module_name="c2"), args={"cascade": True})],
-            "rule 'rm': cannot remove it: every output of the model depends on it")
+            "rule 'rm': cannot remove c2: every output of the model depends on it")
     snapshot.assert_unchanged()
 
 

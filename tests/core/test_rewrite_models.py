@@ -85,7 +85,7 @@ def test_two_branch_model_keeps_main_output_only():
     assert prov["main_2_conv"] == Provenance("main.2.conv", "Conv2d", ("main_2_conv",), ("drop-identity",))
     assert prov["add"] == Provenance("", "TwoBranch", ("add",), ("drop-identity",))
     assert prov["stem_act"] == Provenance("stem.act", "ReLU", ("stem_act",))
-    assert result.summary() == ("keep-main (prune_unreachable): 0 matched, 1 rewritten\n"
+    assert result.summary() == ("keep-main (prune_unreachable): 0 matched, 1 rewritten, 4 tensors dropped\n"
                                 "drop-identity (collapse): 2 matched, 2 rewritten\n"
                                 "nodes: 11 kept, 5 pruned, 2 collapsed")
 

@@ -194,6 +194,24 @@ def test_pruned_and_collapsed_layers_of_yolov9_c_and_e():
         ("model_0", "max_users: model_0 is used by 2 nodes (model_1, model_15), more than 1")]
 
 
+def test_rule_log_lists_every_training_tensor_the_conversion_drops():
+    """Every tensor of the training model is either in the converted model (param map) or listed,
+    once, by the rule that dropped it: the head replacement (auxiliary head branch) or the prune."""
+    c = conversion("yolov9-c")
+    training = {name for name, _ in training_model("yolov9-c").state_dict(keep_vars=True).items()}
+    dropped = {entry.rule: entry.dropped for entry in c.result.log if entry.dropped}
+    assert sorted(dropped) == ["dual-ddetect-to-ddetect", "prune-auxiliary-branch"]
+    assert all(name.startswith("model.38.") for name in dropped["dual-ddetect-to-ddetect"])
+    with_tensors = {i for i in c.pruned if len(training_model("yolov9-c").model[i].state_dict())}
+    assert {int(name.split(".")[1]) for name in dropped["prune-auxiliary-branch"]} == with_tensors
+    assert with_tensors == set(range(23, 38)) - {30, 33, 36}  # CBFuse layers hold no tensor
+    listed = [name for names in dropped.values() for name in names]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == training - set(c.param_map.values())
+    assert str(c.result.log[4]) == (f"prune-auxiliary-branch (prune_unreachable): 0 matched, 1 rewritten, "
+                                    f"{len(dropped['prune-auxiliary-branch'])} tensors dropped")
+
+
 def test_custom_class_count():
     c = conversion("yolov9-c", 7)
     assert c.config["nc"] == 7 and c.model.yaml["nc"] == 7 and c.model.model[-1].nc == 7
