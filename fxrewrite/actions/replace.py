@@ -47,6 +47,11 @@ from ..shapes import shape_of, shape_tree
 from ..tensors import bind_tensor, named_tensors
 
 
+# The most tensor elements a module built by ``replace`` may hold (2**31: 8 GB in fp32); more is
+# refused before anything is allocated.
+MAX_NEW_ELEMENTS = 2**31
+
+
 @register_action("replace", params={
     "with": Param((str,), required=True, doc="registered class name of the new module"),
     "node": Param((str,), doc="capture of the node to replace (default: the pattern's root)"),
@@ -69,15 +74,16 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
                  "shapes": [shape_tree(n) for n in kept], "count": len(kept)}
     ctor_args = ctx.resolve(init or {}, match, {"kept_inputs": kept_info})
 
-    def build(on_meta: bool) -> tuple[nn.Module, dict]:
+    def construct(on_meta: bool) -> nn.Module:
         try:
             if on_meta:
                 with torch.device("meta"):
-                    new = cls(**ctor_args)
-            else:
-                new = cls(**ctor_args)
+                    return cls(**ctor_args)
+            return cls(**ctor_args)
         except Exception as exc:
             raise RewriteError(rule, f"cannot build {cls.__name__}({_show(ctor_args)}): {exc}") from None
+
+    def finish(new: nn.Module) -> tuple[nn.Module, dict]:
         new.train(old.training)
         sources = _bind(new, old, params or {}, strict, rule)
         _copy_settings(new, old, sources)
@@ -87,19 +93,27 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
             setattr(new, attr, getattr(old, attr))
         return new, sources
 
-    # With strict binding every parameter and buffer is replaced by an old tensor, so building on the
-    # meta device (no allocation, no initialisation) gives the same module, unless the constructor
-    # also made plain tensor attributes with values: then it is built for real.
+    # Built on the meta device first (no allocation, no initialisation): its size is checked before
+    # anything real is made (a rule file's init cannot ask for a 40 GB layer). With strict binding
+    # every parameter and buffer is then replaced by an old tensor, so the meta-built module is the
+    # module, unless its constructor also made plain tensor attributes with values: then it is built
+    # for real. A constructor that cannot run on meta is built for real (real errors, real messages).
+    try:
+        probe = construct(on_meta=True)
+    except RewriteError:
+        probe = None
+    if probe is not None:
+        elements = sum(t.numel() for _, t in named_tensors(probe))
+        if elements > MAX_NEW_ELEMENTS:
+            raise RewriteError(rule, f"refused to build {cls.__name__}({_show(ctor_args)}): it would hold "
+                                     f"{elements:,} tensor elements, more than the limit of {MAX_NEW_ELEMENTS:,}")
     new = None
-    if strict:
-        try:
-            new, sources = build(on_meta=True)
-        except RewriteError:
-            new = None  # a constructor that cannot run on meta; the real build reports real errors
-        if new is not None and not _materialise_empty_tensors(new, _device_of(old)):
+    if strict and probe is not None:
+        new, sources = finish(probe)
+        if not _materialise_empty_tensors(new, _device_of(old)):
             new = None
     if new is None:
-        new, sources = build(on_meta=False)
+        new, sources = finish(construct(on_meta=False))
     taken = set(sources.values())
     ctx.log.dropped += [ctx.param_origin.get(f"{target.target}.{name}") or f"{target.target}.{name}"
                         for name, _ in named_tensors(old) if name not in taken]

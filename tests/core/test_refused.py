@@ -251,3 +251,17 @@ def test_the_same_rule_once_applies_one_pass(chain):
     assert result.nodes_with_status("new") == ["act_1"]
     assert result.module.graph.find_nodes(op="call_module", target="act")[1].meta["provenance"].rules == ("grow",)
     assert torch.equal(result.module(x), model(x))  # relu(relu(y)) == relu(y)
+
+
+def test_replace_refuses_a_huge_module_before_allocating_it(chain):
+    """A rule file's init cannot make the engine allocate a huge layer: it is sized on meta first."""
+    import resource
+
+    model, x, gm, snapshot = chain
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rule = Rule("huge", "replace", Pattern(module_name="ident"),
+                args={"with": "nn.Linear", "init": {"in_features": 200_000, "out_features": 100_000}, "strict": False})
+    refused(gm, [rule], "rule 'huge': refused to build Linear(in_features=200000, out_features=100000): it would "
+                        "hold 20,000,100,000 tensor elements, more than the limit of 2,147,483,648")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 80 GB
+    snapshot.assert_unchanged()
