@@ -108,7 +108,9 @@ def _check_container(path: Path, shown: str) -> None:
     raise CheckpointError(f"{shown}: not a torch checkpoint (not a zip archive)")
 
 
-def _read_data_pkl(path: Path, shown: str) -> bytes:
+def _read_data_pkl(path: Path, shown: str, *, read: bool = True) -> bytes | None:
+    """The checkpoint's pickle record, after refusing zip bombs and oversized pickles from the
+    archive's directory; with ``read=False`` only those checks (None)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -126,7 +128,7 @@ def _read_data_pkl(path: Path, shown: str) -> bytes:
             if size > MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{shown}: refused: its data.pkl record is {size:,} bytes, more than the "
                                       f"{MAX_PICKLE_BYTES:,} a model's pickle takes (tensors are stored apart)")
-            return archive.read(pickles[0])
+            return archive.read(pickles[0]) if read else None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
         raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({exc})") from None
     except CheckpointError:
@@ -316,7 +318,7 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     shown = os.fspath(path)
     file = Path(shown)
     _check_container(file, shown)
-    data = _read_data_pkl(file, shown)  # refuses zip bombs and oversized pickles before torch reads anything
+    _read_data_pkl(file, shown, read=False)  # refuses zip bombs and oversized pickles before torch reads anything
     try:
         obj = _torch_load(file, shown, mmap=mmap)
     except CheckpointError:
@@ -324,6 +326,7 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
         # Say precisely why: every global the pickle names, found without unpickling it, is vetted
         # (Ultralytics classes, unknown blocks listed with how to register them, refused gadgets).
         # Scanning only on failure keeps a sound file's load at one pass over its pickle.
+        data = _read_data_pkl(file, shown)
         try:
             found = pickle_globals(data)
         except Exception as exc:  # genops: truncated or garbage opcode stream

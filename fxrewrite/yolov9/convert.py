@@ -319,9 +319,16 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
     from .model import DetectionModel, SegmentationModel, activations_in_place
 
     entries = list(config["backbone"]) + list(config["head"])
+    from .classes import official_aliases
+
+    twins = official_aliases()  # official class path -> fxrewrite's class of the same layout
+
+    def fxrewrite_class(cls: type) -> type:
+        return twins.get(f"{cls.__module__}.{cls.__qualname__}", cls)
+
     layers, param_map = [], {}
     for k, node in enumerate(kept):
-        layer = clone_module(result.module.get_submodule(node.target), class_for=_fxrewrite_class)
+        layer = clone_module(result.module.get_submodule(node.target), class_for=fxrewrite_class)
         layer.i, layer.f = k, copy.deepcopy(entries[k][0])
         if not isinstance(getattr(layer, "type", None), str):  # a module a rule built has no label yet
             layer.type = f"{type(layer).__module__}.{type(layer).__qualname__}"
@@ -338,13 +345,6 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
         layers.append(layer)
     cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
     return cls.from_layers(config, layers), param_map
-
-
-def _fxrewrite_class(cls: type) -> type:
-    """fxrewrite's class for a layer class of the official code (same name, same layout), else ``cls``."""
-    from .classes import official_aliases
-
-    return official_aliases().get(f"{cls.__module__}.{cls.__qualname__}", cls)
 
 
 def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node], converted: nn.Module,

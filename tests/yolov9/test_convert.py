@@ -91,14 +91,17 @@ def test_derived_config_builds_exactly_the_converted_tensors(name):
 
 
 def test_converted_layers_are_new_modules_over_the_training_tensors():
-    """Changing the converted model's structure (fusing it) never touches the training model."""
-    c = conversion("yolov9-t")
+    """Changing the converted model's structure (fusing it in place) never touches the training model."""
     training = training_model("yolov9-t")
+    c = convert(training)  # its own conversion: this test fuses it
     kept = {id(m) for m in training.modules()}
     assert not any(id(m) in kept for m in c.model.modules())
-    fused = copy.deepcopy(c.model).fuse()
-    assert fused is not None and all(hasattr(m, "bn") for m in training.modules() if type(m).__name__ == "Conv")
-    assert all(m.forward.__self__ is m for m in c.model.modules() if "forward" in vars(m))
+    assert c.model.model[0].conv.weight is training.model[0].conv.weight
+    c.model.fuse()
+    convs = [m for m in training.modules() if type(m).__name__ == "Conv"]
+    assert convs and all(hasattr(m, "bn") and "forward" not in vars(m) for m in convs)
+    fused = [m for m in c.model.modules() if type(m).__name__ == "Conv"]
+    assert fused and all(not hasattr(m, "bn") and m.forward.__self__ is m for m in fused)
 
 
 def test_check_config_names_the_first_tensor_the_config_does_not_make():
