@@ -417,7 +417,9 @@ def test_a_zip_bomb_is_refused_from_its_declared_sizes(capsys, tmp_path, out, mi
 
 def test_a_damaged_zip_header_is_a_checkpoint_error(tmp_path):
     """Found by scripts/fuzz_rules.py: a local header whose name length runs into the pickle made
-    zipfile raise UnicodeDecodeError, which escaped load_checkpoint."""
+    zipfile raise UnicodeDecodeError, which escaped load_checkpoint. The loader now compares every local
+    header with the directory itself and names the damaged record (the old message only said
+    "UnicodeDecodeError")."""
     path = tmp_path / "damaged.pt"
     torch.save({"model": None}, path)
     data = bytearray(path.read_bytes())
@@ -425,4 +427,5 @@ def test_a_damaged_zip_header_is_a_checkpoint_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
-    assert str(err.value).startswith(f"{path}: truncated or corrupt zip archive (UnicodeDecodeError: ")
+    assert str(err.value) == (f"{path}: truncated or corrupt zip archive (record 'damaged/data.pkl': its local "
+                              "header names another file)")

@@ -80,6 +80,10 @@ def fail_nth_output(monkeypatch, n: int, limit: int = 100, error: BaseException 
     return opened
 
 
+DISK_FULL = ("cannot write it: [Errno 28] No space left on device; nothing was written (no output, no temporary "
+             "file left)")
+
+
 def convert(capsys, src, out, *extra):
     return run_cli(capsys, "convert", src, "-o", out / "gelan.pt", *extra)
 
@@ -94,10 +98,13 @@ def test_a_normal_conversion_writes_three_files_and_no_temporary_file(capsys, un
 
 @pytest.mark.parametrize("n, name", [(1, "gelan.pt"), (2, "gelan.yaml"), (3, "gelan.params.json")])
 def test_disk_full_on_any_output_leaves_nothing(capsys, monkeypatch, untouched, out, n, name):
+    """The message names the output being written (it used to say only "[Errno 28] No space left on
+    device") and confirms that nothing was left."""
     opened = fail_nth_output(monkeypatch, n, limit=10)
     code, stdout, err = convert(capsys, untouched, out)
     assert code == 1
-    assert_one_line_error(err, "[Errno 28] No space left on device")
+    assert_one_line_error(err)
+    assert err == f"fxrewrite: error: {out / name}: {DISK_FULL}\n"
     assert opened == ["gelan.pt", "gelan.yaml", "gelan.params.json"] and opened[n - 1] == name
     assert listing(out) == []  # no .pt, no .yaml, no .json, no .tmp
 
@@ -150,7 +157,7 @@ def test_with_force_a_failure_keeps_the_previous_outputs(capsys, monkeypatch, un
     fail_nth_output(monkeypatch, 3, limit=10)  # the params file fails, after the .pt and .yaml were written
     code, _, err = convert(capsys, untouched, out, "--force")
     assert code == 1
-    assert_one_line_error(err, "[Errno 28] No space left on device")
+    assert_one_line_error(err, f"{out / 'gelan.params.json'}: {DISK_FULL}")
     assert {name: (out / name).read_bytes() for name in listing(out)} == before
 
 
@@ -183,7 +190,7 @@ def test_with_draw_a_failed_write_removes_the_new_drawings(capsys, monkeypatch, 
     if "Graphviz" in err:
         pytest.skip("Graphviz is not installed")
     assert code == 1
-    assert_one_line_error(err, "[Errno 28] No space left on device")
+    assert_one_line_error(err, f"{out / 'gelan.pt'}: {DISK_FULL}")
     assert listing(out) == [] and listing(drawings) == []
 
 

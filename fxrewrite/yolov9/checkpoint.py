@@ -4,19 +4,29 @@ A checkpoint of the reference code is a ``torch.save`` zip whose ``data.pkl``
 pickles the whole model object (``models.yolo.DetectionModel`` made of
 ``models.common.*`` blocks). Unpickling arbitrary files runs arbitrary code,
 so :func:`load_checkpoint` never uses plain pickle and never imports the
-reference code:
-
-1. the file is checked structurally (exists, non-empty, a zip, has data.pkl);
-2. the pickle's global references are listed *without executing anything*
-   (``pickletools``) and vetted against :mod:`fxrewrite.yolov9.classes`, so the
-   error can name what is wrong (an unknown block, an Ultralytics file, or a
-   code-execution gadget such as ``os.system``);
-3. only then ``torch.load(weights_only=True)`` restores it, with every official
-   class name bound to our own re-implementation through
-   ``torch.serialization.safe_globals([(OurClass, "models.common.Conv"), ...])``.
+reference code. It reads the file with the core safe loader
+(:func:`fxrewrite.serialization.load`: the C unpickler restricted to
+:func:`~fxrewrite.yolov9.classes.checkpoint_allow_list`, every record's size
+and CRC-32 checked, no constructor calls, bounded memory, data-only results),
+which binds every official class name to our own re-implementation. When a
+name is refused, every global the pickle references is listed without running
+anything, so the message can say what is wrong: an unknown block (and how to
+register it), an Ultralytics file, or a code-execution gadget such as
+``os.system`` or ``models.common.os.system``. The loaded model's layer graph is
+then checked (:func:`check_layers`): every layer's ``i`` is its position, its
+``f`` points to earlier layers whose outputs the model keeps, and its config
+lists the same layers.
 
 :func:`save_checkpoint` writes the reference layout back, naming our classes
 by their official names, so the file also loads in the reference code.
+
+>>> import tempfile, torch
+>>> from fxrewrite.yolov9 import DetectionModel
+>>> torch.manual_seed(0) and None
+>>> path = save_checkpoint(DetectionModel("gelan-t"), tempfile.mkdtemp() + "/gelan-t.pt")
+>>> loaded = load_checkpoint(path)
+>>> loaded.weights, loaded.stored_dtype, type(loaded.model).__name__
+('model', torch.float16, 'DetectionModel')
 """
 from __future__ import annotations
 
@@ -26,10 +36,8 @@ import json
 import os
 import pickle
 import pickletools
-import re
+import sys
 import types
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
@@ -39,19 +47,20 @@ from torch import nn
 
 from ..errors import FxRewriteError
 from ..rebind import clone_module
-from ..io import PathLike, atomic_writes, check_output
-from .classes import allowed_globals, official_aliases
+from ..io import ErrorRecordingFile, PathLike, atomic_writes, check_output
+from ..serialization import LoadError, RefusedGlobal, load as safe_load, pickle_globals, standard_globals
+from .classes import checkpoint_allow_list, official_aliases
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "save_safetensors"]
+__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "save_safetensors",
+           "check_layers", "pickle_globals"]
 
-# How torch wrote files before the zip format (torch < 1.6): a pickled magic number first.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 #: Largest data.pkl record read (the pickle of the objects; tensor data lives in other records). A
-#: yolov9-e training checkpoint's is a few megabytes.
+#: yolov9-e training checkpoint's is about 1.2 MB.
 MAX_PICKLE_BYTES = 100_000_000
-#: How much more than 4x its size a (re-compressed) checkpoint's records may expand to when read.
-MAX_EXPANSION_BYTES = 1 << 30
 _REGISTER_HINT = "fxrewrite.yolov9.register_block"
+# Names that, as a middle part of a dotted name under models.*, show a module reached *through* the model's
+# code (models.common.os.system) rather than a block class of it.
+_NOT_MODEL_CODE = frozenset(getattr(sys, "stdlib_module_names", ())) | {"torch", "numpy", "yaml", "cv2", "PIL"}
 
 
 class CheckpointError(FxRewriteError, ValueError):
@@ -83,185 +92,61 @@ def _plural(names: list[str]) -> str:
     return "is" if len(names) == 1 else "are"
 
 
-def _check_container(path: Path, shown: str) -> None:
-    """File-level problems, decided from the bytes alone."""
-    if not path.exists():
-        raise CheckpointError(f"{shown}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{shown}: is a directory, not a checkpoint file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{shown}: file is empty (0 bytes), not a checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
-    if zipfile.is_zipfile(path):
-        return
-    if head.startswith(b"PK\x03\x04"):
-        raise CheckpointError(f"{shown}: truncated or corrupt zip archive (no end-of-archive record)")
-    if head == _LEGACY_MAGIC:
-        raise CheckpointError(
-            f"{shown}: legacy (pre-1.6, non-zip) torch file format; it cannot be loaded safely, "
-            "only torch.save zip checkpoints are supported"
-        )
-    if head[:1] == b"\x80":
-        raise CheckpointError(f"{shown}: a plain pickle file, not a torch.save checkpoint; refused (nothing was executed)")
-    raise CheckpointError(f"{shown}: not a torch checkpoint (not a zip archive)")
-
-
-def _read_data_pkl(path: Path, shown: str, *, read: bool = True) -> bytes | None:
-    """The checkpoint's pickle record, after refusing zip bombs and oversized pickles from the
-    archive's directory; with ``read=False`` only those checks (None)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if not pickles:
-                if any(n.endswith("/constants.pkl") for n in names):
-                    raise CheckpointError(f"{shown}: a TorchScript archive, not a torch.save checkpoint")
-                raise CheckpointError(f"{shown}: a zip archive but not a torch checkpoint (no data.pkl record)")
-            declared = sum(info.file_size for info in archive.infolist())
-            on_disk = path.stat().st_size
-            if declared > 4 * on_disk + MAX_EXPANSION_BYTES:  # torch.save stores records uncompressed
-                raise CheckpointError(f"{shown}: refused: its records would expand to {declared:,} bytes from a "
-                                      f"{on_disk:,}-byte file (a zip bomb?)")
-            size = archive.getinfo(pickles[0]).file_size  # zipfile never reads past it (a zip bomb stops there)
-            if size > MAX_PICKLE_BYTES:
-                raise CheckpointError(f"{shown}: refused: its data.pkl record is {size:,} bytes, more than the "
-                                      f"{MAX_PICKLE_BYTES:,} a model's pickle takes (tensors are stored apart)")
-            return archive.read(pickles[0]) if read else None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
-        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({exc})") from None
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - damaged headers: a name that is not UTF-8, an unknown method...
-        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({type(exc).__name__}: {exc})") from None
-
-
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-
-
-def pickle_globals(data: bytes) -> set[str]:
-    """Every global (``module.name``) a pickle refers to, found without unpickling it.
-
-    ``GLOBAL``/``INST`` carry the name inline; for ``STACK_GLOBAL`` (protocol 4+)
-    the two most recent strings are used, following the memo, which is how
-    pickle itself builds them.
-    """
-    found: set[str] = set()
-    strings: list[str] = []
-    memo: dict[int, Any] = {}
-    last: Any = None
-    for op, arg, _ in pickletools.genops(data):
-        name = op.name
-        if name in ("GLOBAL", "INST"):
-            module, _, qual = arg.partition(" ")
-            # Protocol-2 pickles spell some stdlib names the Python 2 way
-            # (``__builtin__ set``); pickle maps them back when loading, so do we.
-            module, qual = _compat_pickle.NAME_MAPPING.get((module, qual), (module, qual))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            found.add(f"{module}.{qual}")
-            last = None
-        elif name in _STRING_OPS:
-            last = arg.decode("latin-1") if isinstance(arg, bytes) else arg
-            strings.append(last)
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = last
-        elif name == "MEMOIZE":
-            memo[len(memo)] = last
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            last = memo.get(arg)
-            if isinstance(last, str):
-                strings.append(last)
-        elif name == "STACK_GLOBAL":
-            found.add(".".join(strings[-2:]) if len(strings) >= 2 else "<unresolved STACK_GLOBAL>")
-            last = None
-        else:
-            last = None
-    return found
-
-
 def _torch_default_globals() -> set[str]:
-    """Names torch's weights-only unpickler accepts on its own (tensors, storages, dtypes ...)."""
-    try:
-        from torch import _weights_only_unpickler
+    """The torch-format names the loader accepts besides the YOLOv9 classes (tensors, storages, dtypes ...)."""
+    return set(standard_globals())
 
-        return set(_weights_only_unpickler._get_allowed_globals())
-    except Exception:  # private API moved: fall back to trusting torch's own check
-        return set()
+
+def _is_block_name(name: str) -> bool:
+    """``models.common.Conv`` could be a block class of the model's code; ``models.common.os.system`` cannot."""
+    parts = name.split(".")
+    last, middle = parts[-1], parts[1:-1]
+    return (last[:1].isupper() and last.isidentifier() and "__" not in last
+            and all(p.isidentifier() and p.islower() and p not in _NOT_MODEL_CODE for p in middle))
 
 
 def _vet_globals(found: set[str], shown: str) -> None:
-    aliases = official_aliases()
-    torch_defaults = _torch_default_globals()
-    allowed = set(aliases) | set(allowed_globals()) | torch_defaults
+    """Explain a refusal from every global the pickle names (raises; returns if nothing is wrong)."""
+    allowed = checkpoint_allow_list().names()
     ultralytics = sorted(n for n in found if n.startswith("ultralytics."))
     if ultralytics:
         raise CheckpointError(
             f"{shown}: an Ultralytics checkpoint (it references {ultralytics[0]}); that is a different "
             "format from WongKinYiu/yolov9 checkpoints and is not supported"
         )
-    unknown_blocks = sorted(n for n in found - allowed if n.startswith("models."))
-    # If torch's own list is unknown (private API moved), leave torch.* names to torch's check.
-    refused = sorted(
-        n for n in found - allowed
-        if not n.startswith("models.") and (torch_defaults or not n.startswith("torch."))
-    )
+    unknown = found - allowed
+    unknown_blocks = sorted(n for n in unknown if n.startswith("models.") and _is_block_name(n))
+    gadgets = sorted(n for n in unknown if n.startswith("models.") and not _is_block_name(n))
+    refused = sorted(n for n in unknown if not n.startswith("models."))
     if refused:
         raise CheckpointError(
-            f"{shown}: refused to load: the pickle references {', '.join(refused)}, which "
-            f"{_plural(refused)} not allowed in a YOLOv9 checkpoint; nothing from the file was executed"
+            f"{shown}: refused to load: the pickle references {', '.join(refused + gadgets)}, which "
+            f"{_plural(refused + gadgets)} not allowed in a YOLOv9 checkpoint; nothing from the file was executed"
+        )
+    if gadgets:
+        raise CheckpointError(
+            f"{shown}: refused to load: the pickle references {', '.join(gadgets)}, which {_plural(gadgets)} not "
+            f"{'a block class' if len(gadgets) == 1 else 'block classes'} of the model's code but "
+            "something reached through it (a function, a module or an attribute); refused as unsafe; "
+            "nothing from the file was executed"
         )
     if unknown_blocks:
         example = unknown_blocks[0]
         raise CheckpointError(
             f"{shown}: the model uses block classes unknown to fxrewrite: {', '.join(unknown_blocks)}; "
             f"implement each as an nn.Module and register it before loading, e.g. "
-            f"{_REGISTER_HINT}(MyBlock, {example!r})"
+            f"{_REGISTER_HINT}({example.rsplit('.', 1)[1]}, {example!r})"
         )
 
 
-def _explain_unpickling_error(exc: Exception, shown: str) -> CheckpointError:
-    """Turn torch's weights-only refusal into our message (names the global when torch does)."""
-    text = str(exc)
-    match = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
-    if match:
-        name = match.group(1)
-        name = name if "." in name else f"builtins.{name}"  # torch strips the builtins prefix
-        return CheckpointError(
-            f"{shown}: refused to load: the pickle references {name}, which is not allowed in a "
-            "YOLOv9 checkpoint; nothing from the file was executed"
-        )
-    # torch wraps the reason in a preamble about weights_only: report the reason itself
-    reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    first = reason.group(1).strip() if reason else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return CheckpointError(f"{shown}: refused to load: {first}; nothing from the file was executed")
-
-
-def _safe_global_pairs() -> list[tuple[Any, str]]:
-    pairs = [(cls, name) for name, cls in official_aliases().items()]
-    pairs += [(obj, name) for name, obj in allowed_globals().items()]
-    return pairs
-
-
-def _torch_load(path: Path, shown: str, *, mmap: bool = False) -> Any:
+def _explain_refusal(exc: RefusedGlobal, shown: str) -> CheckpointError:
+    """The loader refused a name: list every global the pickle names (nothing runs) and say what is wrong."""
     try:
-        with torch.serialization.safe_globals(_safe_global_pairs()), warnings.catch_warnings():
-            # torch warns about protocol-4 pickles on stderr; such a file loads or is refused like any other
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        raise _explain_unpickling_error(exc, shown) from None
-    except RuntimeError as exc:
-        # PytorchStreamReader errors (bad CRC, missing tensor record, short file)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-        raise CheckpointError(f"{shown}: truncated or corrupt zip archive ({first})") from None
-    except Exception as exc:  # noqa: BLE001
-        # A malformed pickle whose names all passed the allow-list: the weights-only unpickler fails on
-        # it with whatever its opcodes provoke (a memo key that is not there, an allowed function used as
-        # a class, an index out of range...). Nothing was executed; the file is corrupt or crafted.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{shown}: corrupt or malformed pickle in data.pkl ({type(exc).__name__}"
-                              f"{': ' + first if first else ''}); nothing from the file was executed") from None
+        found = pickle_globals(exc.pickle) | {exc.name}
+    except Exception:  # noqa: BLE001 - genops on a truncated or garbage opcode stream: the first name is enough
+        found = {exc.name}
+    _vet_globals(found, shown)
+    return CheckpointError(str(exc))
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -296,6 +181,66 @@ def _pick_model(obj: Any, shown: str) -> tuple[nn.Module, str, dict[str, Any]]:
     return model, which, entries
 
 
+def check_layers(model: nn.Module, shown: str, which: str = "model") -> None:
+    """Refuse a YOLOv9 model whose layer graph contradicts itself; say which layer, which index and why.
+
+    The model runs layer after layer, each reading the outputs its ``f`` names
+    (-1: the previous layer; other negative numbers count back from it; others
+    are absolute indices), and keeps a layer's output only if its ``i`` is in
+    ``model.save``. So every ``i`` must equal its position, every ``f`` must name
+    an earlier layer whose output is kept, and the config (``model.yaml``) must
+    list the same layers with the same ``from`` entries. Models that are not
+    YOLOv9 layer graphs (no ``yaml``, no ``model`` layer list) are not checked.
+    """
+    state = model.__dict__
+    config = state.get("yaml")
+    layers = state.get("_modules", {}).get("model")
+    if config is None and not isinstance(layers, nn.Sequential):
+        return  # not a YOLOv9 layer graph (a custom block saved alone, ...)
+
+    def inconsistent(problem: str) -> CheckpointError:
+        return CheckpointError(f"{shown}: the checkpoint's {which!r} model is inconsistent: {problem}")
+
+    if not isinstance(layers, nn.Sequential) or not len(layers):
+        raise inconsistent(f"it has a config but no layer list (its 'model' is a {type(layers).__name__})")
+    if not isinstance(config, dict) or not isinstance(config.get("backbone"), list) \
+            or not isinstance(config.get("head"), list):
+        raise inconsistent("its config (yaml) is not a mapping with 'backbone' and 'head' lists of layers")
+    rows = config["backbone"] + config["head"]
+    if len(rows) != len(layers):
+        raise inconsistent(f"its config (yaml) lists {len(rows)} layers but the model has {len(layers)}; "
+                           "the config does not describe these weights")
+    save = state.get("save")
+    if not isinstance(save, (list, tuple, set)) or not all(type(j) is int for j in save):
+        raise inconsistent("its list of kept layer outputs (save) is missing or not a list of layer indices")
+    kept = set(save)
+    for position, layer in enumerate(layers):
+        name = f"layer {position} ({type(layer).__name__})"
+        index, source = layer.__dict__.get("i"), layer.__dict__.get("f")
+        if type(index) is not int or index != position:
+            raise inconsistent(f"{name} says it is layer {index!r} (its 'i'); the model would keep the wrong outputs")
+        sources = [source] if type(source) is int else source if type(source) in (list, tuple) else None
+        if not sources or not all(type(j) is int for j in sources):
+            raise inconsistent(f"{name} reads {source!r:.40} (its 'f'), which is not a layer index or a list of them")
+        for j in sources:
+            if j == -1:
+                continue
+            target = position + j if j < 0 else j
+            if target < 0:
+                raise inconsistent(f"{name} reads layer {j} (its 'f'), which would be before the first layer")
+            if target >= position:
+                raise inconsistent(f"{name} reads layer {j} (its 'f'), which is not before it; a layer can only read "
+                                   "the outputs of earlier layers")
+            if target not in kept:
+                raise inconsistent(f"{name} reads layer {target}, whose output the model does not keep "
+                                   "(it is not in model.save)")
+        row = rows[position]
+        if not isinstance(row, (list, tuple)) or len(row) != 4:
+            raise inconsistent(f"config row {position} is not [from, number, module, args]")
+        if row[0] != source and list(row[0] if isinstance(row[0], (list, tuple)) else [row[0]]) != sources:
+            raise inconsistent(f"{name} reads {source!r} (its 'f') but its config row says from {row[0]!r:.40}")
+
+
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
     for tensor in model.state_dict().values():
         if tensor.is_floating_point():
@@ -312,28 +257,20 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     ``model``. Floating-point weights are converted to ``dtype`` (float32 by
     default, as the reference loader does); ``dtype=None`` keeps them as stored.
     ``mmap=True`` maps tensor data from the file instead of reading it (copy on
-    write: the file is never modified; it must not be replaced while the
-    tensors are in use). Raises :class:`CheckpointError` naming the file and the problem.
+    write: the file is never modified; it must not be changed in place while the
+    tensors are in use). Every tensor's record is checked (size, CRC-32) either
+    way. Raises :class:`CheckpointError` naming the file and the problem.
     """
     shown = os.fspath(path)
     file = Path(shown)
-    _check_container(file, shown)
-    _read_data_pkl(file, shown, read=False)  # refuses zip bombs and oversized pickles before torch reads anything
     try:
-        obj = _torch_load(file, shown, mmap=mmap)
-    except CheckpointError:
-        # torch's weights-only unpickler refused the file (it is the safety boundary: nothing ran).
-        # Say precisely why: every global the pickle names, found without unpickling it, is vetted
-        # (Ultralytics classes, unknown blocks listed with how to register them, refused gadgets).
-        # Scanning only on failure keeps a sound file's load at one pass over its pickle.
-        data = _read_data_pkl(file, shown)
-        try:
-            found = pickle_globals(data)
-        except Exception as exc:  # genops: truncated or garbage opcode stream
-            raise CheckpointError(f"{shown}: corrupt pickle in data.pkl ({exc})") from None
-        _vet_globals(found, shown)
-        raise
+        obj = safe_load(file, checkpoint_allow_list(), mmap=mmap, shown=shown, max_pickle_bytes=MAX_PICKLE_BYTES)
+    except RefusedGlobal as exc:
+        raise _explain_refusal(exc, shown) from None
+    except LoadError as exc:
+        raise CheckpointError(str(exc)) from None
     model, which, entries = _pick_model(obj, shown)
+    check_layers(model, shown, which)
     try:  # walks every module and tensor: a model unpickled from a crafted or damaged file may be malformed
         stored = _float_dtype(model)
         if dtype is not None:
@@ -483,25 +420,6 @@ def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = T
     return frozen
 
 
-class _FirstWriteError:
-    """A binary file that remembers the first exception its ``write`` raised."""
-
-    def __init__(self, handle: BinaryIO):
-        self._handle = handle
-        self.error: BaseException | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self._handle.write(data)
-        except BaseException as exc:
-            if self.error is None:
-                self.error = exc
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-
 def _check_saveable(model: nn.Module, official_names: dict[type, str], loadable: set[str], shown: str) -> None:
     """Name every layer class that has no official name, before any work is done."""
     if type(model) not in official_names:
@@ -566,7 +484,7 @@ def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extr
     if clash:
         raise TypeError(f"save_checkpoint: {', '.join(sorted(clash))} cannot be passed as an extra entry")
     official_names = {cls: name for name, cls in official_aliases().items()}
-    loadable = set(allowed_globals()) | _torch_default_globals() | set(official_names.values())
+    loadable = set(checkpoint_allow_list().names())
     _check_saveable(model, official_names, loadable, shown)
 
     ckpt = {
@@ -581,7 +499,7 @@ def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extr
     pickle_module = _pickle_module(official_names, loadable)
 
     def write(handle: BinaryIO) -> None:
-        recorder = _FirstWriteError(handle)
+        recorder = handle if isinstance(handle, ErrorRecordingFile) else ErrorRecordingFile(handle, shown)
         try:
             torch.save(ckpt, recorder, pickle_module=pickle_module)
         except _UnsaveableGlobal as exc:

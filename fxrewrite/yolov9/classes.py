@@ -7,12 +7,25 @@ model objects, so it names classes by their import path in that code base:
 
 * :func:`official_aliases` maps each official dotted name to *our*
   re-implementation (``fxrewrite.yolov9.blocks`` / ``heads`` / ``model``); the
-  loader hands these pairs to ``torch.load(weights_only=True)`` and the saver
-  writes our classes back under the official names.
+  saver writes our classes back under the official names.
 * :func:`register_block` adds a user-written class for a custom block.
-* :func:`allowed_globals` lists the *other* (torch / standard library / numpy)
-  names a real checkpoint needs beyond torch's own weights-only defaults.
-  Everything else is refused without being executed.
+* :func:`checkpoint_allow_list` is what the loader accepts, as data for the
+  core safe loader (:mod:`fxrewrite.serialization`): the official names (and
+  the torch layers the blocks are made of) as layer classes, which a file can
+  only rebuild, never call; torch's tensor-rebuilding names, ``OrderedDict``,
+  ``set``, numpy scalars and paths as checked functions; and the two method
+  references real checkpoints hold (``forward = forward_fuse`` of a fused
+  block, ``detect = <Head>.forward`` of a segmentation head). Everything else
+  is refused without being executed.
+* :func:`allowed_globals` lists the same non-YOLO names as the real objects
+  (torch's own ``weights_only`` loader takes them as ``safe_globals``; tests
+  compare the two loaders on the same files).
+
+>>> allow = checkpoint_allow_list()
+>>> "models.common.Conv" in allow.names(), "os.system" in allow.names()
+(True, False)
+>>> dict(allow.bound_methods), dict(allow.class_functions)
+({'forward': 'forward_fuse'}, {'detect': 'forward'})
 
 (Not to be confused with ``fxrewrite.yolov9.model.register_block``, which
 teaches the *config builder* a module name; a custom block usually needs both.)
@@ -24,10 +37,13 @@ import os
 import pathlib
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..serialization import AllowList
 
 __all__ = [
     "official_aliases",
@@ -36,6 +52,8 @@ __all__ = [
     "unregister_block",
     "allowed_globals",
     "fused_forward",
+    "checkpoint_allow_list",
+    "torch_layers",
     "OFFICIAL_MODULES",
 ]
 
@@ -183,13 +201,8 @@ def fused_forward(obj: Any, name: str) -> Any:
     return getattr(obj, name)
 
 
-def allowed_globals() -> dict[str, Any]:
-    """Non-YOLO globals a reference checkpoint may reference, beyond torch's defaults.
-
-    Only data-like classes are listed: constructing them (without ``__init__``)
-    and restoring their ``__dict__`` runs no user code.
-    """
-    allowed: dict[str, Any] = {}
+def torch_layers() -> dict[str, type]:
+    """The torch layers YOLOv9 blocks and heads are made of, by their pickled names."""
     layers = [
         # containers and layers the official blocks and heads are made of
         nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.Upsample,
@@ -199,8 +212,34 @@ def allowed_globals() -> dict[str, Any]:
         # activations a config may select (``activation: nn.ReLU()`` etc.)
         nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Mish, nn.GELU,
     ]
-    for cls in layers:
-        allowed[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in layers}
+
+
+def checkpoint_allow_list() -> "AllowList":
+    """What :func:`fxrewrite.yolov9.checkpoint.load_checkpoint` accepts (see the module docstring).
+
+    Built from the current registrations (:func:`register_block`) on each call;
+    a later caller can widen it with ``.with_globals({...})`` (e.g. the classes of
+    a trusted source tree).
+    """
+    from ..serialization import AllowList, standard_globals
+
+    names: dict[str, Any] = standard_globals()
+    names.update(torch_layers())
+    names.update(official_aliases())
+    # Official layers carry their class path as a string label `type`, which shadows nn.Module.type.
+    return AllowList(names, bound_methods={"forward": "forward_fuse"}, class_functions={"detect": "forward"},
+                     data_overrides={"type": (str,)}, what="a YOLOv9 checkpoint")
+
+
+def allowed_globals() -> dict[str, Any]:
+    """Non-YOLO globals a reference checkpoint may reference, beyond torch's defaults, as the real objects.
+
+    Only data-like classes are listed: constructing them (without ``__init__``)
+    and restoring their ``__dict__`` runs no user code. (The loader itself uses
+    :func:`checkpoint_allow_list`, which hands out checked stand-ins.)
+    """
+    allowed: dict[str, Any] = dict(torch_layers())
     # Standard-library containers and values in train_dual's top-level entries
     # ('opt' may carry paths on some code paths).
     allowed.update({
