@@ -1,6 +1,7 @@
 """Shared by tests/test_hostile_*.py: a tiny PGI config, hostile checkpoints, and running the CLI."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import struct
@@ -8,6 +9,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -176,3 +178,108 @@ def payload_is_live(payload_cls, marker: Path) -> bool:
     live = marker.exists()
     marker.unlink(missing_ok=True)
     return live
+
+
+# ---------------------------------------------------------------------------- hand-written pickles
+def op_global(dotted: str) -> bytes:
+    """GLOBAL opcode for ``module.name`` (split at the last dot)."""
+    module, _, name = dotted.rpartition(".")
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def op_int(n: int) -> bytes:
+    """A non-negative int: BININT (4 bytes) or LONG1."""
+    if 0 <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
+def op_tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def in_checkpoint(value: bytes, key: str = "model") -> bytes:
+    """A protocol-2 pickle of ``{key: <value>}`` where ``value`` is opcodes that push one object."""
+    return b"\x80\x02}" + binunicode(key) + value + b"s."
+
+
+def nested_ordered_dicts(depth: int) -> bytes:
+    """Opcodes pushing ``depth`` OrderedDicts nested in one another under key 'a' (no recursion needed to write)."""
+    new = op_global("collections.OrderedDict") + b"r" + struct.pack("<I", 999_999) + b")R"
+    again = b"j" + struct.pack("<I", 999_999) + b")R"
+    return new + (binunicode("a") + again) * (depth - 1) + b"s" * (depth - 1)
+
+
+# ---------------------------------------------------------------------------- archives
+def read_records(path: Path) -> dict[str, bytes]:
+    """Every record of a zip, by name, in order."""
+    with zipfile.ZipFile(path) as z:
+        return {info.filename: z.read(info) for info in z.infolist()}
+
+
+def write_records(path: Path, records, compress: dict[str, int] | None = None) -> Path:
+    """A zip of ``records`` (a dict, or (name, bytes) pairs to repeat a name), stored unless ``compress`` says."""
+    import warnings
+
+    items = records.items() if isinstance(records, dict) else records
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicated names: some tests want them
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in items:
+                info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+                info.compress_type = (compress or {}).get(name, zipfile.ZIP_STORED)
+                z.writestr(info, data)
+    return path
+
+
+def record_holding(path: Path, tensor: torch.Tensor) -> str:
+    """The name of the storage record whose bytes are exactly ``tensor``'s."""
+    want = tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+    (name,) = [n for n, data in read_records(path).items() if "/data/" in n and data == want]
+    return name
+
+
+def record_data_offset(path: Path, name: str) -> int:
+    """Where a record's data starts in the file (after its local header)."""
+    with zipfile.ZipFile(path) as z:
+        at = z.getinfo(name).header_offset
+    raw = path.read_bytes()
+    name_length, extra_length = struct.unpack_from("<HH", raw, at + 26)
+    return at + 30 + name_length + extra_length
+
+
+# ---------------------------------------------------------------------------- comparing loads
+def assert_same(ours, theirs, where="root", pairs=None):
+    """Recursive equality of two loaded objects (ours first): types, tensor bytes and layouts, layer state, which
+    tensors share storage, bound methods."""
+    pairs = {} if pairs is None else pairs
+    assert type(ours) is type(theirs), where
+    if isinstance(ours, torch.Tensor):
+        assert (ours.dtype, ours.shape, ours.stride(), ours.storage_offset(), ours.requires_grad) == \
+               (theirs.dtype, theirs.shape, theirs.stride(), theirs.storage_offset(), theirs.requires_grad), where
+        assert torch.equal(ours.view(-1).view(torch.uint8) if ours.is_contiguous() and ours.numel() else ours,
+                           theirs.view(-1).view(torch.uint8) if theirs.is_contiguous() and theirs.numel() else theirs), where
+        # storages shared in one are shared in the other
+        known = pairs.setdefault(ours.untyped_storage().data_ptr(), theirs.untyped_storage().data_ptr())
+        assert known == theirs.untyped_storage().data_ptr() or ours.numel() == 0, where
+    elif isinstance(ours, nn.Module):
+        assert list(vars(ours)) == list(vars(theirs)), where
+        for key in vars(ours):
+            assert_same(vars(ours)[key], vars(theirs)[key], f"{where}.{key}", pairs)
+    elif isinstance(ours, dict):
+        assert list(ours) == list(theirs), where
+        for key in ours:
+            assert_same(ours[key], theirs[key], f"{where}[{key!r}]", pairs)
+    elif isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{where}[{i}]", pairs)
+    elif isinstance(ours, np.ndarray):
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), where
+    elif hasattr(ours, "__self__") and hasattr(ours, "__func__"):  # a bound method
+        assert ours.__func__ is theirs.__func__, where
+    elif isinstance(ours, float) and math.isnan(ours):
+        assert math.isnan(theirs), where
+    else:
+        assert ours == theirs, where

@@ -11,6 +11,7 @@ YAML alias bombs or deep nesting).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import subprocess
@@ -25,8 +26,10 @@ from fxrewrite.yolov9 import DetectionModel
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fxrewrite.yolov9.model import ConfigError
 
-from hostile_helpers import (MINI, EvilModule, assert_one_line_error, handcrafted_payloads, listing,
-                             payload_is_live, reduce_payloads, run_cli, torch_zip_with_pickle, write_config)
+from hostile_helpers import (MINI, EvilModule, assert_one_line_error, binunicode, handcrafted_payloads,
+                             in_checkpoint, listing, nested_ordered_dicts, op_global, op_int, op_tuple,
+                             payload_is_live, read_records, record_data_offset, record_holding, reduce_payloads,
+                             run_cli, torch_zip_with_pickle, write_config, write_records)
 
 COMMANDS = {  # the command line for an input file, and the output it must not create
     "convert": lambda src, out: ["convert", src, "-o", out / "gelan.pt"],
@@ -121,8 +124,9 @@ def test_getattr_gadget_is_limited_to_forward_fuse(capsys, tmp_path, marker, out
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
-def test_torch_weights_only_check_alone_also_refuses(tmp_path, marker, monkeypatch):
-    """Defence in depth: with our pre-scan of the pickle disabled, torch's weights-only loader still refuses."""
+def test_the_unpicklers_allow_list_alone_also_refuses(tmp_path, marker, monkeypatch):
+    """Defence in depth: with the explanation (a scan of every global the pickle names) disabled, the
+    restricted unpickler itself still refuses, naming the first global it was asked for."""
     from fxrewrite.yolov9 import checkpoint as ckpt_mod
 
     monkeypatch.setattr(ckpt_mod, "_vet_globals", lambda found, shown: None)
@@ -429,3 +433,245 @@ def test_a_damaged_zip_header_is_a_checkpoint_error(tmp_path):
         load_checkpoint(path)
     assert str(err.value) == (f"{path}: truncated or corrupt zip archive (record 'damaged/data.pkl': its local "
                               "header names another file)")
+
+
+# ---------------------------------------------------------------------------- integrity and bombs (issue 11)
+NOT_RUN = "; nothing from the file was executed"
+
+
+def refused_by_cli(capsys, src: Path, out: Path, message: str, *, mmap_too: bool = True) -> None:
+    """``convert`` (which maps tensors from the file) and ``load_checkpoint`` without mmap both refuse with
+    exactly ``message``: exit 1, one line, no traceback, no output, the input unchanged."""
+    before = src.read_bytes()
+    code, stdout, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err)
+    assert err == f"fxrewrite: error: {message}\n"
+    assert listing(out) == [] and src.read_bytes() == before
+    if mmap_too:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(src, mmap=False)
+        assert str(info.value) == message
+
+
+def constructor_bomb(path: Path) -> Path:
+    """1.3 KB: a checkpoint whose pickle calls models.common.Conv(16384, 16384, 3) -- 9.6 GB of weights."""
+    call = op_global("models.common.Conv") + op_tuple(op_int(16384), op_int(16384), op_int(3)) + b"R"
+    return torch_zip_with_pickle(path, in_checkpoint(call))
+
+
+class Rebuild:
+    """Pickles as a tensor view of ``storage`` with any size and stride (what a crafted file can say)."""
+
+    def __init__(self, storage, size, stride):
+        self.args = (storage, 0, size, stride, False, __import__("collections").OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+def stride_0_bomb(path: Path, model) -> Path:
+    """8 MB: a real checkpoint plus a stride-0 view of a 2M-element storage, 2**31 elements long (8.6 GB as fp32)."""
+    storage = torch.zeros(2**21, dtype=torch.float16)._typed_storage()
+    return save_checkpoint(model, path, anchors=Rebuild(storage, (2**31,), (0,)))
+
+
+def test_a_constructor_bomb_is_refused(capsys, tmp_path, out):
+    src = constructor_bomb(tmp_path / "bomb.pt")
+    assert src.stat().st_size < 2000
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: the pickle calls models.common.Conv(16384, 16384, 3), "
+                                     "a class constructor: a checkpoint rebuilds its layers without calling them (a "
+                                     f"call could run code or allocate any amount of memory){NOT_RUN}")
+
+
+def test_a_stride_0_bomb_is_refused(capsys, tmp_path, out, mini_model):
+    src = stride_0_bomb(tmp_path / "bomb.pt", mini_model)
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: a tensor of size [2147483648], stride [0] has "
+                                     "2,147,483,648 elements over a 2,097,152-element storage (repeated elements: "
+                                     f"copying it would take 1,024x the memory the file holds){NOT_RUN}")
+
+
+BOMB_PROBE = """
+import resource, sys, time
+from fxrewrite.cli import main
+start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(["convert", sys.argv[1], "-o", sys.argv[2]])
+print(code, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, time.perf_counter() - start)
+"""
+
+
+@pytest.mark.parametrize("bomb", ["constructor", "stride 0"])
+def test_bombs_are_refused_quickly_without_allocating(tmp_path, mini_model, bomb):
+    """Measured in a fresh process: peak memory grows by less than 100 MB (the bombs ask for 9.6 and 8.6 GB)."""
+    src = constructor_bomb(tmp_path / "bomb.pt") if bomb == "constructor" else stride_0_bomb(tmp_path / "bomb.pt",
+                                                                                               mini_model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(src), str(tmp_path / "out.pt")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    code, grown_mb, seconds = done.stdout.split()
+    assert int(code) == 1 and "refused to load" in done.stderr and "Traceback" not in done.stderr
+    assert int(grown_mb) < 100, f"peak memory grew by {grown_mb} MB"
+    assert float(seconds) < 30
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_100000_nested_dicts_in_model_hyp_are_refused_without_a_traceback(capsys, tmp_path, out, mini_model):
+    model = copy.deepcopy(mini_model)
+    model.hyp = "PLACEHOLDER"
+    src = save_checkpoint(model, tmp_path / "deep.pt")
+    swapped(src, "PLACEHOLDER", nested_ordered_dicts(100_000))
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: model.hyp['a']['a']['a']['a']...['a']['a']['a'] "
+                                     "(101 levels down) nests more than 100 levels deep (or contains itself); refused "
+                                     f"before a recursive copy or print overflows the stack{NOT_RUN}")
+
+
+def test_a_gadget_reached_through_the_models_code_is_called_what_it_is(capsys, tmp_path, out):
+    call = op_global("models.common.os.system") + op_tuple(binunicode("true")) + b"R"
+    src = torch_zip_with_pickle(tmp_path / "gadget.pt", in_checkpoint(call))
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: the pickle references models.common.os.system, which is "
+                                     "not a block class of the model's code but something reached through it (a "
+                                     f"function, a module or an attribute); refused as unsafe{NOT_RUN}")
+
+
+def test_protocol_4_gadgets_through_the_models_code_are_refused_too(capsys, tmp_path, out):
+    """STACK_GLOBAL('models.common', 'os.system'): a dotted name inside a module."""
+    call = (b"\x80\x04" + binunicode("models.common") + binunicode("os.system") + b"\x93"
+            + binunicode("true") + b"\x85R")
+    src = torch_zip_with_pickle(tmp_path / "gadget.pt", b"\x80\x04}" + binunicode("model") + call + b"s.")
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert code == 1
+    assert_one_line_error(err, f"{src}: refused to load: the pickle references models.common.os.system, which is not "
+                               "a block class")
+
+
+@pytest.fixture
+def saved(tmp_path, mini_model):
+    return save_checkpoint(mini_model, tmp_path / "last.pt"), mini_model
+
+
+def test_a_flipped_byte_in_a_weight_is_refused_naming_the_tensor(capsys, out, saved):
+    src, model = saved
+    record = record_holding(src, model.model[1].conv.weight.half())
+    raw = bytearray(src.read_bytes())
+    raw[record_data_offset(src, record) + 5] ^= 0x10
+    src.write_bytes(bytes(raw))
+    refused_by_cli(capsys, src, out, f"{src}: truncated or corrupt zip archive (record {record!r} fails its CRC-32 "
+                                     "check (its bytes are not the ones written), read for model.model.1.conv.weight)")
+
+
+def test_a_record_shorter_than_its_tensor_is_refused_not_read_past(capsys, out, saved):
+    """With mmap (as convert loads), the bytes after a short record used to become the tensor."""
+    src, model = saved
+    records = read_records(src)
+    record = record_holding(src, model.model[1].conv.weight.half())
+    records[record] = records[record][:-64]
+    write_records(src, records)
+    size = model.model[1].conv.weight.numel() * 2
+    refused_by_cli(capsys, src, out, f"{src}: truncated or corrupt zip archive (record {record!r} holds {size - 64:,} "
+                                     f"bytes where its tensor's storage needs {size:,}, read for "
+                                     "model.model.1.conv.weight)")
+
+
+def test_a_deflated_record_converts_with_the_weights_it_holds(capsys, tmp_path, out, saved):
+    src, model = saved
+    records = read_records(src)
+    record = record_holding(src, model.model[1].conv.weight.half())
+    write_records(src, records, compress={record: zipfile.ZIP_DEFLATED})
+    code, _, err = run_cli(capsys, "convert", src, "-o", out / "gelan.pt")
+    assert (code, err) == (0, "")
+    converted = load_checkpoint(out / "gelan.pt", dtype=None).model.state_dict()
+    training = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    origin = json.loads((out / "gelan.params.json").read_text())
+    assert origin["model.0.conv.weight"] == "model.1.conv.weight"
+    assert all(torch.equal(converted[new], training[old]) for new, old in origin.items())
+
+
+def test_two_pickles_of_the_same_name_are_refused(capsys, out, saved):
+    src, _ = saved
+    records = list(read_records(src).items())
+    name = next(n for n, _ in records if n.endswith("/data.pkl"))
+    write_records(src, records + [(name, pickle.dumps({"model": None}, protocol=2))])
+    refused_by_cli(capsys, src, out, f"{src}: refused: the archive holds 2 records named {name!r}; which one a reader "
+                                     "takes is ambiguous")
+
+
+def test_a_layer_overriding_its_forward_is_refused_naming_the_layer(capsys, tmp_path, out, mini_model):
+    """A layer's instance dict holding ``forward = <an allowed callable>`` used to convert, verify as equal
+    and go into OUT.pt; the layer would no longer run its class's code."""
+    model = copy.deepcopy(mini_model)
+    model.model[2].forward = model.model[1].forward_fuse  # another layer's method
+    src = save_checkpoint(model, tmp_path / "override.pt")
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: layer model.model.2 (Conv): its attribute 'forward' "
+                                     "holds getattr(Conv, 'forward_fuse'); a YOLOv9 checkpoint may only refer to the "
+                                     "forward_fuse method of its layers and the forward function of their classes, "
+                                     f"each on its own layer{NOT_RUN}")
+
+
+def swapped(src: Path, text: str, opcodes: bytes) -> Path:
+    """The checkpoint with the first pickled string ``text`` replaced by ``opcodes`` (pushing one object)."""
+    records = read_records(src)
+    name = next(n for n in records if n.endswith("/data.pkl"))
+    records[name] = records[name].replace(binunicode(text), opcodes, 1)
+    return write_records(src, records)
+
+
+NOT_DATA = {  # where the pickle puts an allowed class or function instead of data, and the refusal
+    "a class as a value in model.hyp": ("hyp", op_global("models.common.Conv"),
+                                        "model.hyp is <class models.common.Conv (rebuilt without calling it)>, not "
+                                        "data"),
+    "a function as a value in model.hyp": ("hyp", op_global("collections.OrderedDict"),
+                                           "model.hyp is <checked collections.OrderedDict>, not data"),
+    "a class as a layer's type label": ("type", op_global("models.common.Conv"),
+                                        "layer model.model.1 (Conv): its instance attribute 'type' overrides the type "
+                                        "of its class (the layer would not run the code its class defines)"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_DATA))
+def test_what_is_not_data_is_refused(capsys, tmp_path, out, mini_model, case):
+    where, opcodes, message = NOT_DATA[case]
+    model = copy.deepcopy(mini_model)
+    model.hyp = "PLACEHOLDER"
+    src = save_checkpoint(model, tmp_path / "x.pt")
+    swapped(src, "PLACEHOLDER" if where == "hyp" else "models.common.Conv", opcodes)
+    refused_by_cli(capsys, src, out, f"{src}: refused to load: {message}{NOT_RUN}")
+
+
+def inconsistent(model, case: str):
+    bad = copy.deepcopy(model)
+    if case == "'from' out of range":
+        bad.model[5].f = 9
+    elif case == "'from' pointing forward":
+        bad.model[3].f = 4
+    elif case == "'from' before the first layer":
+        bad.model[2].f = -5
+    elif case == "wrong index":
+        bad.model[4].i = 7
+    elif case == "config with fewer layers":
+        bad.yaml["head"] = bad.yaml["head"][:-1]
+    elif case == "output not kept":
+        bad.save = [s for s in bad.save if s != 3]
+    elif case == "config disagrees":
+        bad.yaml["head"][0][0] = 4
+    return bad
+
+
+INCONSISTENT = {
+    "'from' out of range": "layer 5 (Conv) reads layer 9 (its 'f'), which is not before it; a layer can only read the "
+                           "outputs of earlier layers",
+    "'from' pointing forward": "layer 3 (Conv) reads layer 4 (its 'f'), which is not before it; a layer can only "
+                               "read the outputs of earlier layers",
+    "'from' before the first layer": "layer 2 (Conv) reads layer -5 (its 'f'), which would be before the first layer",
+    "wrong index": "layer 4 (Conv) says it is layer 7 (its 'i'); the model would keep the wrong outputs",
+    "config with fewer layers": "its config (yaml) lists 7 layers but the model has 8; the config does not describe "
+                                "these weights",
+    "output not kept": "layer 5 (Conv) reads layer 3, whose output the model does not keep (it is not in model.save)",
+    "config disagrees": "layer 5 (Conv) reads 3 (its 'f') but its config row says from 4",
+}
+
+
+@pytest.mark.parametrize("case", list(INCONSISTENT))
+def test_an_inconsistent_layer_graph_is_explained(capsys, tmp_path, out, mini_model, case):
+    """These used to fail with "list index out of range"."""
+    src = save_checkpoint(inconsistent(mini_model, case), tmp_path / "bad.pt")
+    refused_by_cli(capsys, src, out, f"{src}: the checkpoint's 'model' model is inconsistent: {INCONSISTENT[case]}")

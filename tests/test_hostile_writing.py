@@ -272,3 +272,79 @@ def test_draw_refuses_an_output_whose_dot_fallback_is_the_input(capsys, tmp_path
     assert err == (f"fxrewrite: error: {tmp_path / 'x.dot'}: output is the same file as the input {src}; "
                    "refusing to overwrite an input\n")
     assert src.read_bytes() == source.read_bytes()
+
+
+# ---------------------------------------------------------------------------- never destroy, never mix (issue 11)
+@pytest.mark.parametrize("command", ["convert", "draw"])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_device_is_never_replaced(capsys, untouched, command, force):
+    code, stdout, err = run_cli(capsys, command, untouched, "-o", "/dev/null", *(["--force"] if force else []))
+    assert (code, stdout) == (1, "")
+    assert err == ("fxrewrite: error: /dev/null: output exists and is a character device, not a regular file; "
+                   "refusing to replace it\n")
+    assert Path("/dev/null").is_char_device()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_fifo_among_the_outputs_is_refused_before_any_work(capsys, untouched, out, force):
+    os.mkfifo(out / "gelan.yaml")  # the derived config output
+    code, stdout, err = convert(capsys, untouched, out, *(["--force"] if force else []))
+    assert (code, stdout) == (1, "")
+    assert err == (f"fxrewrite: error: {out / 'gelan.yaml'}: output exists and is a FIFO (named pipe), not a regular "
+                   "file; refusing to replace it\n")
+    assert (out / "gelan.yaml").is_fifo() and listing(out) == ["gelan.yaml"]
+
+
+HANGING_CONVERSION = """
+import sys, time
+from pathlib import Path
+from fxrewrite.io import atomic_writes
+out = Path(sys.argv[1])
+with atomic_writes([out / "gelan.pt", out / "gelan.yaml", out / "gelan.params.json"]) as handles:
+    for handle in handles:
+        handle.write(b"half a file")
+        handle.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_temporary_files_of_a_killed_run_are_removed_by_the_next_one(capsys, untouched, out):
+    """SIGKILL of a real process while it writes the three outputs leaves its temporary files; the next run
+    writing those outputs removes them, says so, and leaves exactly its outputs."""
+    import signal
+    import subprocess
+    import sys
+
+    killed = subprocess.Popen([sys.executable, "-c", HANGING_CONVERSION, str(out)], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline() == "writing\n"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    stale = listing(out)
+    assert len(stale) == 3 and all(name.endswith(".tmp") and f".{killed.pid}." in name for name in stale)
+    code, _, err = convert(capsys, untouched, out)
+    assert code == 0
+    assert sorted(err.splitlines()) == sorted(
+        f"fxrewrite: removed {out / name}, a temporary file left by an interrupted run (process {killed.pid} is gone)"
+        for name in stale)
+    assert listing(out) == ["gelan.params.json", "gelan.pt", "gelan.yaml"]
+
+
+def test_a_really_full_disk_names_the_output_and_leaves_nothing(capsys, untouched, tmp_path):
+    """A 64 KiB tmpfs (the checkpoint takes more); skipped where mounting is not permitted."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}); the simulated "
+                    "disk-full tests above still run")
+    try:
+        code, stdout, err = convert(capsys, untouched, disk)
+        assert code == 1
+        assert_one_line_error(err)
+        assert err == f"fxrewrite: error: {disk / 'gelan.pt'}: {DISK_FULL}\n"
+        assert listing(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

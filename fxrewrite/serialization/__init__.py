@@ -49,7 +49,7 @@ from .allowlist import AllowList, Checked, Deferred, Inert, Refused
 from .archive import DEFAULT_MAX_PICKLE_BYTES, Record, RecordProblem, TorchArchive
 from .errors import LoadError, RefusedGlobal
 from .graph import check_loaded
-from .memory import MemoryBudget, default_budget
+from .memory import MemoryBudget, MemoryBudgetExceeded, default_budget
 from .scan import pickle_globals
 from .standard import standard_globals
 from .unpickler import GlobalNotAllowed, Loader
@@ -82,7 +82,7 @@ def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | N
         except GlobalNotAllowed as exc:
             raise RefusedGlobal(f"{shown}: refused to load: the pickle references {exc.name}, which is not allowed "
                                 f"in {allow.what}; nothing from the file was executed", exc.name, data) from None
-        except Refused as exc:
+        except (Refused, MemoryBudgetExceeded) as exc:
             raise LoadError(f"{shown}: refused to load: {exc}; nothing from the file was executed") from None
         except Exception as exc:  # noqa: BLE001 - whatever a malformed opcode stream provokes; nothing ran
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

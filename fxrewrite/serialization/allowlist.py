@@ -59,7 +59,7 @@ from torch import nn
 __all__ = ["AllowList", "Checked", "Inert", "Refused", "Deferred", "Frozen"]
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
-#: How deep containers and layers may nest before a file is refused (a real YOLOv9 checkpoint: ~15).
+#: How deep containers and layers may nest before a file is refused (a yolov9-e training checkpoint: 12).
 DEFAULT_MAX_DEPTH = 100
 
 _short = reprlib.Repr()
@@ -152,6 +152,9 @@ class Deferred(Frozen):
     def __init__(self, target: Any, name: str):
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "name", name)
+
+    def __call__(self, *args, **kwargs):
+        raise Refused(f"the pickle calls {self!r} while loading; a checkpoint may only keep such a reference")
 
     def __repr__(self) -> str:
         target = self.target.__name__ if isinstance(self.target, type) else type(self.target).__name__

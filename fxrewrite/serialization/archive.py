@@ -8,8 +8,9 @@ the tensor that uses it. :class:`TorchArchive` checks, before anything is
 unpickled, that the file is such an archive (and says what it is when it is
 not: a legacy torch file, a plain pickle, a truncated zip ...), that no two
 records share a name and there is exactly one ``data.pkl``, that every record
-lies inside the file without overlapping another, and that the declared sizes
-are not a zip bomb. When a record is read, its compression method (stored;
+lies inside the file without overlapping another, that the declared sizes
+are not a zip bomb, and that the small records besides the tensors
+(``byteorder``, ``version`` ...) are intact. When a record is read, its compression method (stored;
 deflate is inflated within its declared size; anything else is refused), its
 size and its CRC-32 are checked before its bytes are handed out.
 
@@ -55,6 +56,7 @@ MAX_EXPANSION_BYTES = 1 << 30
 #: Largest data.pkl record read by default (tensor data lives in other records; a yolov9-e training
 #: checkpoint's pickle is about 1.2 MB).
 DEFAULT_MAX_PICKLE_BYTES = 100_000_000
+_SMALL_RECORD = 1 << 16  # metadata records (byteorder, version, alignment ...) are checked when the file is opened
 _READ_CHUNK = 1 << 30  # one preadv call reads at most this much (Linux caps a single read near 2 GiB)
 
 
@@ -168,7 +170,14 @@ class TorchArchive:
         for (_, end, name), (start, _, following) in zip(ends, ends[1:]):
             if end > start:
                 raise self._corrupt(f"records {name!r} and {following!r} overlap")
-        return records, pickles[0][: -len("data.pkl")]
+        prefix = pickles[0][: -len("data.pkl")]
+        for name, record in records.items():  # the small records torch reads besides the tensors: intact too
+            if not name.startswith(f"{prefix}data/") and name != pickles[0] and record.size <= _SMALL_RECORD:
+                try:
+                    self._payload(record)
+                except RecordProblem as exc:
+                    raise self._corrupt(str(exc)) from None
+        return records, prefix
 
     def _locate(self, info: zipfile.ZipInfo, directory_start: int) -> Record:
         """The record's data offset, from its local header, which must agree with the directory."""
@@ -260,7 +269,7 @@ class TorchArchive:
             whole.release()
         elif record.method == STORED and nbytes:
             view, data = _new_bytes(nbytes)
-            _read_exactly(self._file.fileno(), data, record.start)
+            _read_exactly(self._file, data, record.start, name)
             crc = zlib.crc32(data)
         else:
             payload = self._payload(record)  # compressed or empty: checked while decompressing
@@ -305,17 +314,16 @@ def _new_bytes(nbytes: int) -> tuple[torch.Tensor, memoryview]:
         return torch.frombuffer(buffer, dtype=torch.uint8), memoryview(buffer)
 
 
-def _read_exactly(fd: int, into: memoryview, offset: int) -> None:
+def _read_exactly(file, into: memoryview, offset: int, name: str) -> None:
+    """Fill ``into`` from ``offset`` (one ``preadv`` per GiB where the OS has it: no seek, no Python loop)."""
     done = 0
     while done < len(into):
         part = into[done: done + _READ_CHUNK]
-        n = os.preadv(fd, [part], offset + done) if hasattr(os, "preadv") else _pread_into(fd, part, offset + done)
-        if n <= 0:
-            raise RecordProblem("?", "ends before its declared size (the file shrank while it was read)")
+        if hasattr(os, "preadv"):
+            n = os.preadv(file.fileno(), [part], offset + done)
+        else:  # pragma: no cover - Windows
+            file.seek(offset + done)
+            n = file.readinto(part)
+        if not n:
+            raise RecordProblem(name, "ends before its declared size (the file shrank while it was read)")
         done += n
-
-
-def _pread_into(fd: int, into: memoryview, offset: int) -> int:
-    data = os.pread(fd, len(into), offset)
-    into[: len(data)] = data
-    return len(data)

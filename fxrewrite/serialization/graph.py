@@ -42,7 +42,8 @@ from .standard import BadTensor, check_view
 
 __all__ = ["check_loaded", "MAX_NODES", "VIEW_BYTES_FACTOR"]
 
-#: Objects (counted along every path) a loaded file may hold; a yolov9-e training checkpoint: ~0.2 million.
+#: Containers, layers and tensors (counted along every path) a loaded file may hold; a yolov9-e training
+#: checkpoint holds about 70,000.
 MAX_NODES = 2_000_000
 #: Tensor views may cover at most this many times the tensor bytes stored in the file (plus 1 MiB).
 VIEW_BYTES_FACTOR = 2
@@ -57,6 +58,8 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_]\w*$")
 
 _MODULE_STATE = frozenset(vars(nn.Module()))  # what nn.Module.__init__ sets (training, _parameters ... _modules)
 _HOOK_DICTS = frozenset(name for name in _MODULE_STATE if "hook" in name and name != "_is_full_backward_hook")
+# What every pickled layer has (nn.Module.__setstate__ fills in the others for files of older torch versions).
+_REQUIRED_STATE = frozenset({"training", "_parameters", "_buffers", "_modules"})
 # What each of a layer's child dicts may hold (None: a layer of an allowed class).
 _CHILDREN: dict[str, Any] = {"_parameters": frozenset({nn.Parameter}), "_buffers": frozenset(_TENSORS),
                              "_modules": None}
@@ -79,17 +82,32 @@ def _methods(cls: type, cache: dict[type, frozenset[str]]) -> frozenset[str]:
     return found
 
 
-def render_path(path: Any) -> str:
+def render_path(path: Any, nested: bool = False) -> str:
     """``ema.model.3.cv1.conv.weight``, ``opt['epochs']``, ``optimizer['state'][0]`` ..."""
     parts = []
     while path is not None:
         path, tag, key = path
         parts.append((tag, key))
+    parts.reverse()
+    if len(parts) > 12:  # a deeply nested place: its start, its end and how deep it is
+        return f"{render_path(_linked(parts[:6]))}...{render_path(_linked(parts[-3:]), nested=True)} " \
+               f"({len(parts)} levels down)"
+    return _render(parts, nested)
+
+
+def _linked(parts: list) -> Any:
+    path = None
+    for tag, key in parts:
+        path = (path, tag, key)
+    return path
+
+
+def _render(parts: list, nested: bool) -> str:
     text = ""
-    for tag, key in reversed(parts):
+    for tag, key in parts:
         if tag == "attr":
-            text += f".{key}" if text else str(key)
-        elif tag == "item" and not text and isinstance(key, str) and _IDENTIFIER.match(key):
+            text += f".{key}" if text or nested else str(key)
+        elif tag == "item" and not text and not nested and isinstance(key, str) and _IDENTIFIER.match(key):
             text = key
         elif tag in ("item", "index"):
             text += f"[{key!r:.60}]"
@@ -97,7 +115,7 @@ def render_path(path: Any) -> str:
             text += f" (a key {key!r:.60})"
         else:
             text += " (a set member)"
-    return text or "the pickled object"
+    return text or ("" if nested else "the pickled object")
 
 
 class _Walk:
@@ -132,16 +150,17 @@ class _Walk:
                                 "containers repeated over and over?)")
             kind = type(obj)
             depth += 1
+            # children are pushed last first, so that they are checked (and a problem found) in their order
             if kind in _DICTS:
-                for key, value in obj.items():
-                    if type(key) not in atoms:
-                        push((key, depth, (path, "key", key) if track else None))
+                for key, value in reversed(obj.items()):
                     if type(value) not in atoms:
                         push((value, depth, (path, "item", key) if track else None))
+                    if type(key) not in atoms:
+                        push((key, depth, (path, "key", key) if track else None))
             elif kind in _SEQUENCES:
-                for index, value in enumerate(obj):
-                    if type(value) not in atoms:
-                        push((value, depth, (path, "index", index) if track else None))
+                for index in range(len(obj) - 1, -1, -1):
+                    if type(obj[index]) not in atoms:
+                        push((obj[index], depth, (path, "index", index) if track else None))
             elif kind in _TENSORS:
                 self.tensor(obj, depth, path, push)
             elif kind in self.modules:
@@ -213,7 +232,11 @@ class _Walk:
     def module(self, module: nn.Module, depth: int, path: Any, push) -> None:
         cls, track, atoms = type(module), self.track, _ATOMS
         methods = self.methods.get(cls) or _methods(cls, self.methods)
-        for name, value in module.__dict__.items():
+        state = module.__dict__
+        if not _REQUIRED_STATE.issubset(state.keys()):
+            missing = ", ".join(sorted(_REQUIRED_STATE - state.keys()))
+            self.fail(path, f"{_Layer(module, path)} lacks {missing}: not the saved state of a layer")
+        for name, value in reversed(state.items()):
             if type(name) is not str:
                 self.fail(path, f"{_Layer(module, path)} has an attribute named by a {type(name).__name__}")
             if name in _MODULE_STATE:
@@ -225,7 +248,7 @@ class _Walk:
                     if kind not in _DICTS:
                         self.fail(path, f"{_Layer(module, path)}: its {name} is a {kind.__name__}, not a dict")
                     allowed = _CHILDREN[name] or self.modules
-                    for key, item in value.items():
+                    for key, item in reversed(value.items()):
                         if item is None:
                             continue
                         if type(key) is not str or type(item) not in allowed:

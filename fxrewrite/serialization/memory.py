@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import sys
 
-from .allowlist import Refused
-
 __all__ = ["MemoryBudget", "MemoryBudgetExceeded", "MIN_BUDGET", "FILE_FACTOR", "default_budget"]
 
 #: Loading any file may grow memory by this much (Python objects of the pickle, small tensors).
@@ -32,20 +30,26 @@ def default_budget(file_size: int) -> int:
     return max(MIN_BUDGET, FILE_FACTOR * file_size)
 
 
-class MemoryBudgetExceeded(Refused):
-    """Loading grew the process's memory past the budget."""
+class MemoryBudgetExceeded(Exception):
+    """Loading grew the process's memory past the budget.
+
+    (Not an ``UnpicklingError``: raised from the stream the unpickler reads, one
+    would be reported by the C unpickler as "Ran out of input".)
+    """
 
 
 def _statm_reader():
     """Resident bytes now, from /proc (Linux); None where that is not available."""
-    try:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-    except OSError:
+    if not os.path.exists("/proc/self/statm"):
         return None
     page = os.sysconf("SC_PAGE_SIZE")
 
-    def resident() -> int:
-        return int(os.pread(fd, 128, 0).split()[1]) * page
+    def resident() -> int:  # opened each time: /proc/self is resolved at open (a forked child is another self)
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 128).split()[1]) * page
+        finally:
+            os.close(fd)
 
     return resident
 

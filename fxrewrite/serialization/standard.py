@@ -53,7 +53,7 @@ class StorageType(Frozen):
         object.__setattr__(self, "dtype", dtype)
 
     def __repr__(self) -> str:
-        return f"StorageType({self.dtype})"
+        return f"<storage type {self.dtype}>"
 
 
 class LoadedStorage(Frozen):
@@ -350,7 +350,7 @@ def standard_globals() -> dict[str, Any]:
         table.update({name: Checked(name, function) for name, function in checked.items()})
         for dtype, storage_name in torch.storage._dtype_to_storage_type_map().items():
             table[f"torch.{storage_name}"] = Inert(StorageType(dtype))
-        table["torch.UntypedStorage"] = Inert(StorageType(torch.uint8))
+        table["torch.UntypedStorage"] = table["torch.storage.UntypedStorage"] = Inert(StorageType(torch.uint8))
         table.update({name: Inert(dtype) for name, dtype in _all_dtypes().items()})
         table.update(_numpy_globals())
         _cache = table

@@ -402,11 +402,11 @@ def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = T
     dtype = torch.float16 if half else torch.float32
 
     def frozen_tensor(t: torch.Tensor) -> torch.Tensor:
-        # New Parameter objects over the same storage when the dtype already matches: no tensor
-        # data is copied unless a conversion is needed.
+        # New Parameter objects over the same storage when the dtype already matches: no tensor data is
+        # copied except by the fp16 cast (integer buffers are shared too: pickling only reads them).
         if isinstance(t, nn.Parameter):
             return nn.Parameter(t.detach().to(dtype) if t.is_floating_point() else t.detach(), requires_grad=False)
-        return t.to(dtype) if t.is_floating_point() else t.clone()
+        return t.to(dtype) if t.is_floating_point() else t
 
     frozen = clone_module(model, tensor_fn=frozen_tensor)  # new modules: the caller's are never touched
     frozen = frozen.half() if half else frozen.float()  # also the head's plain stride/anchor tensors

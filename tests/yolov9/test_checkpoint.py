@@ -378,9 +378,9 @@ def test_refuses_stack_global_payload(tmp_path, marker):
 
 @pytest.mark.parametrize("payload, name", [(_SystemPayload, f"{os.system.__module__}.system"),
                                            (_EvalPayload, "builtins.eval"), (Evil, None)])
-def test_torch_check_alone_also_refuses(tmp_path, marker, monkeypatch, payload, name):
-    # Defence in depth: with our pre-scan disabled, torch's weights-only check
-    # still refuses, and its message is translated into ours.
+def test_the_unpicklers_allow_list_alone_also_refuses(tmp_path, marker, monkeypatch, payload, name):
+    # Defence in depth: with the explanation (a scan of the pickle's globals) disabled, the
+    # restricted unpickler itself refuses the first global it is asked for, with the same message.
     monkeypatch.setattr(ckpt_mod, "_vet_globals", lambda found, shown: None)
     path = tmp_path / "evil.pt"
     torch.save({"model": None, "x": payload(marker) if name else payload()}, path)
