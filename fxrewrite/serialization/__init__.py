@@ -22,7 +22,8 @@ call anything it names. :func:`load` reads it with guarantees that plain
   child a layer (:mod:`.graph`).
 
 It uses the C unpickler (:mod:`.unpickler`), so a model loads about as fast as
-with plain ``torch.load(weights_only=False)``.
+with plain ``torch.load(weights_only=False)`` (and cyclic garbage collection is
+paused meanwhile: nothing it builds is garbage).
 
 Nothing here knows about YOLO: the YOLOv9 plug-in passes its classes in its
 allow-list (:func:`fxrewrite.yolov9.classes.checkpoint_allow_list`).
@@ -42,8 +43,10 @@ fxrewrite.serialization.errors.RefusedGlobal: ...: refused to load: the pickle r
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from .allowlist import AllowList, Checked, Deferred, Inert, Refused
 from .archive import DEFAULT_MAX_PICKLE_BYTES, Record, RecordProblem, TorchArchive
@@ -54,10 +57,26 @@ from .scan import pickle_globals
 from .standard import standard_globals
 from .unpickler import GlobalNotAllowed, Loader
 
-__all__ = ["load", "AllowList", "Checked", "Inert", "Deferred", "Refused", "LoadError", "RefusedGlobal",
+__all__ = ["load", "gc_paused", "AllowList", "Checked", "Inert", "Deferred", "Refused", "LoadError", "RefusedGlobal",
            "TorchArchive", "Record", "RecordProblem", "standard_globals", "pickle_globals", "MemoryBudget"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (restored afterwards, as the caller had it).
+
+    Unpickling a model makes hundreds of thousands of container objects and none
+    of them is garbage; each collection would scan them all again, for nothing.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | None = None,
@@ -78,7 +97,8 @@ def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | N
         budget = MemoryBudget(default_budget(archive.size) if memory_budget is None else memory_budget)
         loader = Loader(archive, allow)
         try:
-            obj = loader.unpickle(data, budget)
+            with gc_paused():
+                obj = loader.unpickle(data, budget)
         except GlobalNotAllowed as exc:
             raise RefusedGlobal(f"{shown}: refused to load: the pickle references {exc.name}, which is not allowed "
                                 f"in {allow.what}; nothing from the file was executed", exc.name, data) from None
@@ -88,5 +108,6 @@ def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | N
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LoadError(f"{shown}: corrupt or malformed pickle in data.pkl ({type(exc).__name__}"
                             f"{': ' + first if first else ''}); nothing from the file was executed") from None
-    check_loaded(obj, loader, shown)
+    with gc_paused():
+        check_loaded(obj, loader, shown)
     return obj

@@ -128,7 +128,6 @@ class _Walk:
         self.tensors: dict[int, torch.Tensor] = {}
         self.view_bytes = 0
         self.fixes: list[tuple[nn.Module, str, Any]] = []
-        self.bad_seen = False
 
     def fail(self, path, message, corrupt=False):
         raise _Failure(path, message, corrupt)
@@ -180,7 +179,6 @@ class _Walk:
     def other(self, obj: Any, path: Any) -> None:
         kind = type(obj)
         if kind is BadTensor:
-            self.bad_seen = True
             self.fail(path, f"{obj.problem}", corrupt=True)
         if kind is Deferred:
             self.fail(path, f"holds {obj!r}; {self.allow.what} may only refer to {self.allow.getattr_rule()}, as "
