@@ -56,6 +56,7 @@ MAX_EXPANSION_BYTES = 1 << 30
 #: Largest data.pkl record read by default (tensor data lives in other records; a yolov9-e training
 #: checkpoint's pickle is about 1.2 MB).
 DEFAULT_MAX_PICKLE_BYTES = 100_000_000
+_BAD_CRC = "fails its CRC-32 check (its bytes are not the ones written)"
 _SMALL_RECORD = 1 << 16  # metadata records (byteorder, version, alignment ...) are checked when the file is opened
 _READ_CHUNK = 1 << 30  # one preadv call reads at most this much (Linux caps a single read near 2 GiB)
 
@@ -234,7 +235,7 @@ class TorchArchive:
             raw.release()
             whole.release()
         if zlib.crc32(data) != record.crc:
-            raise RecordProblem(record.name, "fails its CRC-32 check (its bytes are not the ones written)")
+            raise RecordProblem(record.name, _BAD_CRC)
         return data
 
     def pickle_bytes(self) -> bytes:
@@ -243,7 +244,7 @@ class TorchArchive:
         try:
             return self._payload(record)
         except RecordProblem as exc:
-            if exc.problem.startswith("fails its CRC-32"):
+            if exc.problem == _BAD_CRC:
                 raise self._corrupt(f"Bad CRC-32 for file {record.name!r}") from None
             raise self._corrupt(str(exc)) from None
 
@@ -261,12 +262,14 @@ class TorchArchive:
         if record.size != nbytes:
             raise RecordProblem(name, f"holds {record.size:,} bytes where its tensor's storage needs {nbytes:,}")
         if record.method == STORED and nbytes and self.mapped:
-            view = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=record.start)
             whole = memoryview(self._map)
             data = whole[record.start: record.start + nbytes]
             crc = zlib.crc32(data)
             data.release()
             whole.release()
+            if crc != record.crc:  # checked before any tensor can see the mapping
+                raise RecordProblem(name, _BAD_CRC)
+            view = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=record.start)
         elif record.method == STORED and nbytes:
             view, data = _new_bytes(nbytes)
             _read_exactly(self._file, data, record.start, name)
@@ -276,7 +279,7 @@ class TorchArchive:
             view = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
             crc = record.crc
         if crc != record.crc:
-            raise RecordProblem(name, "fails its CRC-32 check (its bytes are not the ones written)")
+            raise RecordProblem(name, _BAD_CRC)
         return view.untyped_storage()
 
     def close(self) -> None:
