@@ -186,10 +186,14 @@ class RewriteContext:
 
     def replace_uses(self, node: fx.Node, by: fx.Node) -> None:
         """Every node reading ``node`` reads ``by`` instead (``by`` itself, if it reads ``node``, still does)."""
-        users = [u for u in node.users if u is not by]
-        for user in users:
-            mark_changed(user, self.rule_name)
-        node.replace_all_uses_with(by, delete_user_cb=lambda user: user is not by)
+        rule = self.rule_name
+        for user in node.users:
+            if user is not by:
+                mark_changed(user, rule)
+        if by in node.users:
+            node.replace_all_uses_with(by, delete_user_cb=lambda user: user is not by)
+        else:
+            node.replace_all_uses_with(by)
         self.changes += 1
 
     def erase(self, node: fx.Node, status: str) -> None:
@@ -296,6 +300,8 @@ class RewriteContext:
         every action argument and check argument with this before the call; values without
         references (an already resolved node) come back unchanged.
         """
+        if value == "$root" and match is not None and not isinstance(match, list):
+            return match.root  # the most common reference: no parsing
         if isinstance(value, str) and value.startswith("$"):
             head, *path = value[1:].split(".")
             if extra and head in extra:
@@ -329,15 +335,16 @@ class RewriteContext:
         return value.tolist() if isinstance(value, torch.Tensor) and value.numel() < 64 else value
 
 
-def reachable(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
-    """``start`` and every node reached from it by ``step`` (``lambda n: n.users`` for what is computed
-    from it, ``lambda n: n.all_input_nodes`` for what it needs); linear in what it reaches."""
+def reachable(start: fx.Node, *, users: bool) -> set[fx.Node]:
+    """``start`` and every node computed from it (``users=True``) or every node it needs (``users=False``);
+    linear in what it reaches."""
     seen, todo = {start}, [start]
     while todo:
-        for node in step(todo.pop()):
-            if node not in seen:
-                seen.add(node)
-                todo.append(node)
+        node = todo.pop()
+        for other in (node.users if users else node.all_input_nodes):
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
     return seen
 
 

@@ -189,7 +189,9 @@ def _apply_pass(ctx: RewriteContext, bound: BoundRule, seen: set) -> None:
 def _arguments(ctx: RewriteContext, bound: BoundRule, match: Match | None) -> dict[str, Any]:
     """The action's arguments with every ``$reference`` resolved: captures first, then the values the
     action provides (computed from the other arguments) for the arguments that refer to them."""
-    args = {key: ctx.resolve(value, match) for key, value in bound.args.items() if key not in bound.late}
+    args = dict(bound.args)
+    for key in bound.refs - bound.late if bound.late else bound.refs:
+        args[key] = ctx.resolve(args[key], match)
     if bound.late:
         provides = bound.action.provides
         needed = {name for key in bound.late for name in references(bound.args[key]) if name in provides}

@@ -85,6 +85,9 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
 _MISSING = object()
 
 
+_CANONICAL = {"patterns": tuple, "attrs": dict}  # what the other kinds store their value as
+
+
 def _key(kind: str, *, default: Any = None, default_factory: Any = None, choices: tuple = ()) -> Any:
     """A :class:`Pattern` field and how rule files write it (``kind``: ``string``, ``choice`` of
     ``choices``, ``attrs``, ``count`` or ``patterns``): :mod:`fxrewrite.rule_file` derives its pattern
@@ -122,13 +125,15 @@ class Pattern:
     capture: str | None = _key("string")
 
     def __post_init__(self):
-        # Accept friendly values, store canonical ones.
-        object.__setattr__(self, "num_inputs", Count.of(self.num_inputs))
-        object.__setattr__(self, "num_users", Count.of(self.num_users))
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", dict(self.attrs))
-        if self.op is not None and self.op not in OPS:
-            raise ValueError(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
+        # Accept friendly values, store canonical ones (by the kind each field declares).
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.metadata["kind"]
+            if kind == "count":
+                object.__setattr__(self, f.name, Count.of(value))
+            elif kind in _CANONICAL:
+                object.__setattr__(self, f.name, _CANONICAL[kind](value))
+            elif kind == "choice" and value is not None and value not in f.metadata["choices"]:
+                raise ValueError(f"unknown {f.name} {value!r}; expected one of {', '.join(f.metadata['choices'])}")
 
     # -- matching ---------------------------------------------------------
     def match(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> Match | None:

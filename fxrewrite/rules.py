@@ -75,13 +75,15 @@ class Rule:
 class BoundRule:
     """A checked rule with what it runs: its action, its checks, and the arguments the action gets
     (canonical names, parsed values, declared defaults; ``$references`` still unresolved).
-    ``late`` names the arguments that refer to values the action provides."""
+    ``late`` names the arguments that refer to values the action provides, ``refs`` those that hold
+    any reference."""
 
     rule: Rule
     action: ActionSpec
     checks: tuple[CheckSpec, ...]
     args: Mapping[str, Any]
     late: frozenset[str] = frozenset()
+    refs: frozenset[str] = frozenset()  # the arguments holding a ``$reference`` (the others need no resolving)
 
 
 @dataclass
@@ -183,8 +185,9 @@ def bind(rule: Rule, registry: Registry) -> tuple[BoundRule | None, list[RulePro
                    f" (bound: {_listing(bound)})", "args")
     if found:
         return None, found
-    late = frozenset(key for key, value in args.items() if provided & set(references(value)))
-    return BoundRule(rule, spec, tuple(checks), args, late), []
+    refs = frozenset(key for key, value in args.items() if any(True for _ in references(value)))
+    late = frozenset(key for key in refs if provided & set(references(args[key])))
+    return BoundRule(rule, spec, tuple(checks), args, late, refs), []
 
 
 def _arguments(spec: ActionSpec, given: Mapping[str, Any], registry: Registry) -> tuple[dict, list[tuple[str, str]]]:

@@ -47,7 +47,7 @@ def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list |
         new_value = selected[0] if len(selected) == 1 else tuple(selected)
         if new_value != output.args[0]:
             ctx.set_args(output, (new_value,))
-    keep = reachable(output, lambda n: n.all_input_nodes)
+    keep = reachable(output, users=False)
     gone: list[str] = []
     for node in reversed(list(ctx.graph.nodes)):
         if node not in keep and node.op != "placeholder":

@@ -13,8 +13,10 @@ the training layer it comes from (``model.22 <- model.38``, :func:`layer_rename`
 >>> drawing = draw_conversion(conversion)
 >>> sorted({box for box in drawing.clusters.values() if box})  # input and output stay outside
 [('auxiliary',), ('backbone',), ('head',)]
->>> layer_rename(conversion)
-{'model.29': 'model.22'}
+>>> layer_rename(conversion), layer_rename(conversion.result)
+({'model.29': 'model.22'}, {'model.29': 'model.22'})
+>>> "<B>model.22</B>" in draw_conversion(conversion, view="after").source  # model.22 <- model.29
+True
 """
 from __future__ import annotations
 
@@ -69,10 +71,16 @@ def layer_clusters(result: RewriteResult, config: dict, *, layers: bool | None =
     return boxes
 
 
-def layer_rename(conversion: Conversion) -> dict[str, str]:
-    """Old layer path -> new one (``model.38`` -> ``model.22``) for every layer the conversion renumbered:
-    the ``rename`` of :func:`fxrewrite.draw.draw_rewrite`."""
-    return {f"model.{old}": f"model.{new}" for new, old in conversion.layer_map.items() if new != old}
+def layer_rename(rewrite: Conversion | RewriteResult) -> dict[str, str]:
+    """Old layer path -> new one (``model.29`` -> ``model.22``) for every layer the conversion renumbers:
+    the ``rename`` of :func:`fxrewrite.draw.draw_rewrite`. From a conversion's ``layer_map``, or from a
+    rewrite alone (the layers its graph still has, numbered in order, as the conversion numbers them)."""
+    if isinstance(rewrite, Conversion):
+        layer_map = rewrite.layer_map
+    else:
+        kept = dict.fromkeys(layer for layer in map(layer_of, rewrite.module.graph.nodes) if layer is not None)
+        layer_map = dict(enumerate(kept))
+    return {f"model.{old}": f"model.{new}" for new, old in layer_map.items() if new != old}
 
 
 def draw_conversion(conversion: Conversion, *, view: str = "overlay", **kwargs) -> Drawing:
