@@ -143,6 +143,8 @@ class RewriteContext:
 
         Its tensors are new (their origin is None) unless :meth:`record_origin` says otherwise.
         """
+        if not prefix or "." in prefix:
+            self.refuse(f"add_module: {prefix!r} is not a plain name (a new module is added at the top level)")
         k = self._free.get(prefix, 0)
         names = self.graph._graph_namespace._used_names if hasattr(self.graph, "_graph_namespace") else {}
         while f"{prefix}_{k}" in self.modules or f"{prefix}_{k}" in names:

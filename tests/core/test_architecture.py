@@ -90,6 +90,39 @@ def test_the_core_has_no_import_cycle():
     assert set(order) == set(CORE)
 
 
+# The steps of docs/architecture.md, in order; a module imports only its own step, earlier ones and
+# the shared helpers (step 0). The one exception: RewriteResult.draw imports the drawing code lazily.
+STEPS = ["shared", "trace", "match", "act", "validate", "rebind", "verify", "draw", "cli", "root"]
+STEP_OF = {
+    "naming": "shared", "tensors": "shared", "errors": "shared", "io": "shared", "safe_yaml": "shared",
+    "examples": "shared",
+    "tracing": "trace", "provenance": "trace", "shapes": "trace",
+    "pattern": "match", "rule_file": "match", "rule_tables": "match", "yaml_lines": "match", "rules": "match",
+    "registry": "match", "checks": "match",
+    "context": "act", "graph_copy": "act", "actions": "act", "modules": "act",
+    "engine": "validate", "result": "validate",
+    "rebind": "rebind", "verify": "verify", "draw": "draw", "nxgraph": "draw", "cli": "cli",
+}
+LAZY_UPWARD = {("fxrewrite.result", "fxrewrite.draw")}
+
+
+def step(name: str) -> int:
+    if name == "fxrewrite":
+        return STEPS.index("root")
+    return STEPS.index(STEP_OF[name.split(".")[1]])
+
+
+def test_every_core_module_has_a_step():
+    assert {name.split(".")[1] for name in CORE if name != "fxrewrite"} == set(STEP_OF)
+
+
+def test_no_core_module_imports_a_later_step():
+    upward = sorted((name, target) for name in CORE for target in GRAPH[name] & set(CORE)
+                    if step(target) > step(name) and (name, target) not in LAZY_UPWARD
+                    and not (name == "fxrewrite.cli" and target == "fxrewrite"))
+    assert upward == []
+
+
 def test_only_the_cli_imports_the_composition_root():
     importers = sorted(name for name in CORE if "fxrewrite" in GRAPH[name])
     assert importers == ["fxrewrite.cli"]  # the CLI, at the top, for its demo

@@ -115,6 +115,8 @@ def test_refuse_and_note(scope, model):
     (lambda ctx, n: ctx.insert_call("nowhere", (n,), after=n), "insert_call: no module nowhere (add it with "
                                                                "add_module first)"),
     (lambda ctx, n: ctx.record_origin("z.weight", []), "record_origin: no tensor z.weight"),
+    (lambda ctx, n: ctx.add_module(nn.ReLU(), "a.relu"), "add_module: 'a.relu' is not a plain name (a new module is "
+                                                          "added at the top level)"),
     (lambda ctx, n: ctx.module(n.args[0]), "node relu is a call_function, not a module call"),
     (lambda ctx, n: ctx.erase(n.args[0], REMOVED), "cannot erase relu: it is still used by b"),
 ])
