@@ -16,6 +16,8 @@ inference model keeps only ``main``.
 """
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -88,7 +90,7 @@ class StepModel(nn.Module):
 
     def __init__(self, in_width: int, steps: list, aux: tuple, seed: int = 0):
         super().__init__()
-        self.steps = steps
+        self.in_width, self.steps = in_width, steps
         self.aux_source, aux_chain = aux
         widths = [in_width]
         self.layers = nn.ModuleDict()
@@ -115,6 +117,37 @@ class StepModel(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen))
+
+    @classmethod
+    def random(cls, integer: Callable[[int, int], int], choice: Callable[[Sequence], Any],
+               kinds: Sequence[str], max_steps: int = 8) -> "StepModel":
+        """A random model of ``kinds`` of steps; ``integer(lo, hi)`` (inclusive) and ``choice(options)``
+        are the source of randomness (hypothesis' ``draw``, or ``random.Random``'s ``randint`` and
+        ``choice``). Values added or multiplied have the same width.
+
+        >>> import random
+        >>> r = random.Random(0)
+        >>> model = StepModel.random(r.randint, r.choice, ["linear", "relu", "add", "cat"])
+        >>> [tuple(y.shape)[0] for y in model(torch.zeros(5, model.in_width))]
+        [5, 5]
+        """
+        in_width = integer(1, 4)
+        widths, steps = [in_width], []
+        for _ in range(integer(1, max_steps)):
+            kind, first = choice(kinds), integer(0, len(widths) - 1)
+            if kind in ("add", "mul"):
+                inputs = (first, choice([j for j, w in enumerate(widths) if w == widths[first]]))
+                width = widths[first]
+            elif kind == "cat":
+                inputs = (first, integer(0, len(widths) - 1))
+                width = widths[inputs[0]] + widths[inputs[1]]
+            else:
+                inputs = (first,)
+                width = integer(1, 5) if kind == "linear" else widths[first]
+            steps.append((kind, inputs, width))
+            widths.append(width)
+        chain = [(choice(["linear", "identity"]), integer(1, 4)) for _ in range(integer(1, 3))]
+        return cls(in_width, steps, (integer(0, len(widths) - 1), chain), integer(0, 2**16))
 
     def forward(self, x):
         values = [x]

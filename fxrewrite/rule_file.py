@@ -6,9 +6,8 @@
     max_iterations: 100        # optional: bound for fixed-point rules
     rules:
       - name: drop-identity
-        pattern: {module_class: Identity, capture: x}
-        checks:
-          - passthrough: $x
+        pattern: {module_class: Identity}
+        checks: [passthrough]  # checks and actions apply to the pattern's root by default
         action: collapse
         mode: fixed_point
 
@@ -16,7 +15,7 @@ Owns the YAML side of the rule language: reading (safely, with line numbers), th
 file and rule keys, the pattern keys (derived from the :class:`~fxrewrite.pattern.Pattern`
 dataclass, with their parsers) and rules over a table (``table:``: one rule per row,
 ``{column}`` in the rule replaced by the row's value). Checking a rule against the
-registry is :mod:`fxrewrite.rules`'.
+registry is :mod:`fxrewrite.rules`' job.
 
 Every error (unknown key, wrong type, unknown action, unknown module class, a
 capture used but never bound...) is reported as ``file:line: rule 'name': problem``;
@@ -41,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from . import registry
+from . import registry as registries
 from .errors import RuleFileError, RuleProblem
 from .rule_tables import substitute
 from .safe_yaml import MAX_TEXT_CHARS, YamlTooLarge, guarded_load
@@ -60,11 +59,16 @@ def shipped_rules_dir() -> Path:
     return Path(str(importlib.resources.files("fxrewrite.rulesets")))
 
 
-def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
+def load_rules(source: str | Path, *, name: str | None = None,
+               registry: registries.Registry | None = None) -> RuleSet:
     """Compile a rule file to a :class:`RuleSet`.
 
     ``source`` is a path, the name of a shipped rule set (``"yolov9"``), or YAML
     text (anything containing a newline). ``name`` labels text in error messages.
+    ``registry``: what the rules are checked against and bound to (default: the current
+    registry, see :func:`fxrewrite.registry.current`); the plug-ins the file names are
+    loaded into :data:`fxrewrite.registry.DEFAULT`, so give a registry whose parents
+    include it when the file names plug-ins.
     """
     text, label = _read(source, name)
     if len(text) > MAX_TEXT_CHARS:
@@ -85,7 +89,7 @@ def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
         first = str(exc).strip().splitlines()
         raise RuleFileError([RuleProblem(label, None, None, "not valid YAML: a value cannot be read"
                                          + (f" ({first[0]})" if first else ""))]) from None
-    return _compile(data, label)
+    return _compile(data, label, registry)
 
 
 def _read(source: str | Path, name: str | None) -> tuple[str, str]:
@@ -109,8 +113,9 @@ def _read(source: str | Path, name: str | None) -> tuple[str, str]:
 
 
 class _Compiler:
-    def __init__(self, file: str):
+    def __init__(self, file: str, registry: registries.Registry | None = None):
         self.file = file
+        self.registry = registry
         self.problems: list[RuleProblem] = []
 
     def error(self, line: int | None, rule: str | None, message: str) -> None:
@@ -134,7 +139,7 @@ class _Compiler:
             plugins = []
         for plugin in plugins:
             try:
-                registry.load_plugin(plugin)
+                registries.load_plugin(plugin)
             except Exception as exc:
                 self.error(data.key_lines.get("plugins"), None, f"cannot load plug-in {plugin!r}: {exc}")
         max_iterations = data.get("max_iterations", DEFAULT_MAX_ITERATIONS)
@@ -152,7 +157,8 @@ class _Compiler:
         rules = [r for i, item in enumerate(rules_data)
                  for r in self.rules(item, rules_data.item_lines[i] if isinstance(rules_data, LineList) else None)]
         try:  # also when other rules had problems: every error is reported, not only the first rule's
-            ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins))
+            ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins),
+                              registry=self.registry)
         except RuleFileError as exc:
             self.problems += exc.problems
             return None
@@ -210,7 +216,7 @@ class _Compiler:
         before = len(self.problems)
         lines = data.key_lines
         action_name = data.get("action")
-        spec = registry.action(action_name) if isinstance(action_name, str) else None
+        spec = (self.registry or registries.current()).action(action_name) if isinstance(action_name, str) else None
         for key in data:
             if key not in RULE_KEYS:
                 is_argument = spec is not None and (spec.params is None or key in spec.params)
@@ -326,8 +332,8 @@ class _Compiler:
 _INVALID = object()
 
 
-def _compile(data: Any, label: str) -> RuleSet:
-    compiler = _Compiler(label)
+def _compile(data: Any, label: str, registry: registries.Registry | None = None) -> RuleSet:
+    compiler = _Compiler(label, registry)
     rules = compiler.file_(data)
     if compiler.problems or rules is None:
         problems = sorted(compiler.problems, key=lambda p: p.line or 0)  # in file order

@@ -69,11 +69,13 @@ def plain(value: Any) -> Any:
     return value
 
 
+_KINDS = {dict: "a mapping", LineMap: "a mapping", list: "a list", LineList: "a list", str: "a string",
+          int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}
+
+
 def kind_of(value: Any) -> str:
-    """How an error message names a value's type: \"a mapping\", \"a string\"..."""
-    return {dict: "a mapping", LineMap: "a mapping", list: "a list", LineList: "a list", str: "a string",
-            int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}.get(type(value),
-                                                                                            type(value).__name__)
+    """How an error message names a value's type: "a mapping", "a string"..."""
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 __all__ = ["LineMap", "LineList", "LineLoader", "plain", "kind_of"]

@@ -37,27 +37,9 @@ RandomModel = StepModel
 @st.composite
 def random_models(draw):
     """``(model, example input)``: a traced-able random DAG model, in train or eval mode."""
-    in_width = draw(st.integers(1, 4))
-    widths = [in_width]
-    steps = []
-    for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(KINDS))
-        first = draw(st.integers(0, len(widths) - 1))
-        if kind in ("add", "mul"):
-            same = [j for j, w in enumerate(widths) if w == widths[first]]
-            inputs, width = (first, draw(st.sampled_from(same))), widths[first]
-        elif kind == "cat":
-            inputs = (first, draw(st.integers(0, len(widths) - 1)))
-            width = widths[inputs[0]] + widths[inputs[1]]
-        else:
-            inputs = (first,)
-            width = draw(st.integers(1, 5)) if kind == "linear" else widths[first]
-        steps.append((kind, inputs, width))
-        widths.append(width)
-    aux_chain = draw(st.lists(st.tuples(st.sampled_from(["linear", "identity"]), st.integers(1, 4)),
-                              min_size=1, max_size=3))
-    aux = (draw(st.integers(0, len(widths) - 1)), aux_chain)
-    model = RandomModel(in_width, steps, aux, draw(st.integers(0, 2**16)))
+    model = RandomModel.random(lambda lo, hi: draw(st.integers(lo, hi)),
+                               lambda options: draw(st.sampled_from(options)), KINDS)
+    in_width = model.in_width
     model.train(draw(st.booleans()))
     batch = draw(st.integers(2, 3))  # BatchNorm1d in training mode needs more than one sample
     x = torch.randn(batch, in_width, generator=torch.Generator().manual_seed(draw(st.integers(0, 1000))))

@@ -124,7 +124,7 @@ def draw_graph(gm: fx.GraphModule, *, clusters: Clusters = None, title: str | No
 
     def body(sub: graphviz.Digraph) -> None:
         placed.update(emit_picture(sub, pic, prefix="", clusters=clusters, status_text=status_text,
-                                    cluster_ids=[0], fold=fold, chains=chains))
+                                   cluster_ids=[0], fold=fold, chains=chains))
 
     finish(g, body, table, len(pic.nodes))
     label = legend(title, counts, None, note=fold_note(chains))
@@ -217,7 +217,7 @@ def draw_rewrite(result: Any, *, view: str = "overlay", clusters: Clusters = Non
         subtitle = None
     edge_kinds = {e.status for pic in pictures.values() for e in pic.edges}
     label = legend(title or None, counts, subtitle, [k for k in (EDGE_DROPPED, EDGE_ADDED) if k in edge_kinds],
-                    note=fold_note(chains))
+                   note=fold_note(chains))
     g.attr(label=label)
     return Drawing(g, statuses, placed, chains)
 

@@ -96,7 +96,7 @@ class Box:
 
 
 def cluster_tree(order: Sequence[str], paths: Mapping[str, tuple[str, ...]], automatic: bool,
-                  io: set[str]) -> Box:
+                 io: set[str]) -> Box:
     """Nest nodes into boxes. Boxes made from module paths (``automatic``) are simplified: a box
     holding a single member is dropped, and so is one box holding everything but the inputs
     and outputs. A caller's boxes are drawn as given."""

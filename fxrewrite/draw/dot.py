@@ -217,7 +217,7 @@ def new_digraph(name: str, rankdir: str) -> graphviz.Digraph:
 
 
 def finish(g: graphviz.Digraph, body: Callable[[graphviz.Digraph], None], table: str | None,
-            n_nodes: int) -> None:
+           n_nodes: int) -> None:
     """Add the drawing's body to ``g``, inside a frameless box whose label (at the bottom) is ``table``."""
     if n_nodes > LARGE_GRAPH_NODES:
         g.attr(**LARGE_GRAPH_LAYOUT)

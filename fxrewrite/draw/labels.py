@@ -143,7 +143,9 @@ def cluster_label(key: tuple[str, ...], classes: Mapping[str, str], rename: Rena
     when it is a module path, the module's class."""
     name = key[-1]
     new = rename_path(name, rename) if rename is not None else name
-    text = f"<B>{esc(new)}</B>" if new == name else f"<B>{esc(new)}</B> <FONT COLOR=\"{MUTED}\">{esc(LEFT)} {esc(name)}</FONT>"
+    text = f"<B>{esc(new)}</B>"
+    if new != name:
+        text += f" <FONT COLOR=\"{MUTED}\">{esc(LEFT)} {esc(name)}</FONT>"
     cls = classes.get(name)
     if cls:
         return f"<{text}  <FONT COLOR=\"{MUTED}\">{esc(cls)}</FONT>>"
@@ -151,7 +153,7 @@ def cluster_label(key: tuple[str, ...], classes: Mapping[str, str], rename: Rena
 
 
 def legend(title: str | None, counts: Mapping[str, int] | None, subtitle: str | None,
-            edges: Iterable[str] = (), note: str | None = None) -> str | None:
+           edges: Iterable[str] = (), note: str | None = None) -> str | None:
     """An HTML-like label: the title, then one swatch per status (with its count) and the edge styles."""
     rows = []
     if title:

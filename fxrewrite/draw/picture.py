@@ -43,13 +43,13 @@ class Picture:
 
 
 def picture_of_graph(gm: fx.GraphModule, status: Mapping[str, str] | None, edge_shapes: bool,
-                      shapes: bool) -> Picture:
+                     shapes: bool) -> Picture:
     pic = Picture(module_classes=module_classes(gm))
     texts = Texts()
     for node in gm.graph.nodes:
-        pic.nodes.append(DrawnNode(node.name, node, node.op, texts.kind(node, gm), texts.shape(node) if shapes else None,
-                               status.get(node.name, KEPT) if status is not None else None,
-                               texts.tooltip(node)))
+        pic.nodes.append(DrawnNode(node.name, node, node.op, texts.kind(node, gm),
+                                   texts.shape(node) if shapes else None,
+                                   status.get(node.name, KEPT) if status is not None else None, texts.tooltip(node)))
         for tail in node.all_input_nodes:
             pic.edges.append(DrawnEdge(tail.name, node.name, label=texts.shape(tail) if edge_shapes else None))
     return pic

@@ -19,46 +19,18 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxrewrite
-from fxrewrite.examples import StepModel
+from fxrewrite.examples import DEMO_RULES, StepModel
 from fxrewrite.tensors import named_tensors
 
-RULES = fxrewrite.load_rules("""\
-rules:
-  - name: keep-main
-    action: prune_unreachable
-    args: {outputs: [0]}
-  - name: drop-identity
-    pattern: {module_class: Identity, capture: x}
-    checks: [{passthrough: $x}]
-    action: collapse
-    mode: fixed_point
-""", name="<property rules>")
+RULES = fxrewrite.load_rules(DEMO_RULES, name="<demo rules>")  # keep output 0; collapse identities
 
 
 @st.composite
 def random_dags(draw):
-    in_width = draw(st.integers(1, 4))
-    widths = [in_width]
-    steps = []
-    for _ in range(draw(st.integers(1, 9))):
-        kind = draw(st.sampled_from(["linear", "linear", "relu", "identity", "identity", "add", "cat"]))
-        first = draw(st.integers(0, len(widths) - 1))
-        if kind == "add":
-            same = [j for j, w in enumerate(widths) if w == widths[first]]
-            inputs = (first, draw(st.sampled_from(same)))
-            width = widths[first]
-        elif kind == "cat":
-            inputs = (first, draw(st.integers(0, len(widths) - 1)))
-            width = widths[inputs[0]] + widths[inputs[1]]
-        else:
-            inputs = (first,)
-            width = draw(st.integers(1, 5)) if kind == "linear" else widths[first]
-        steps.append((kind, inputs, width))
-        widths.append(width)
-    aux_chain = draw(st.lists(st.tuples(st.sampled_from(["linear", "identity"]), st.integers(1, 4)),
-                              min_size=1, max_size=3))
-    aux = (draw(st.integers(0, len(widths) - 1)), aux_chain)
-    return StepModel(in_width, steps, aux, draw(st.integers(0, 2**16))), in_width
+    """``(model, input width)``: linear, relu, identity, add and cat steps (fxrewrite.examples.StepModel)."""
+    model = StepModel.random(lambda lo, hi: draw(st.integers(lo, hi)), lambda options: draw(st.sampled_from(options)),
+                             ["linear", "linear", "relu", "identity", "identity", "add", "cat"], max_steps=9)
+    return model, model.in_width
 
 
 def needed_modules(gm: fx.GraphModule) -> set[str]:

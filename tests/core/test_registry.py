@@ -131,3 +131,15 @@ def test_declared_defaults_and_aliases_reach_the_action(scope):
     (args,) = seen
     assert set(args) == {"node", "size", "colour"} and args["node"].name == "_0"
     assert (args["size"], args["colour"]) == (3, "red")
+
+
+def test_load_rules_against_an_explicit_registry():
+    mine = Registry("mine", parent=DEFAULT)
+    mine.add_action(registry.ActionSpec("test_reg_file", note, per_match=False))
+    text = "rules:\n  - {name: n, action: test_reg_file, args: {text: from a file}}\n"
+    rules = fxrewrite.load_rules(text, registry=mine)
+    assert rules.registry is mine
+    result = fxrewrite.rewrite(fxrewrite.trace(nn.Sequential(nn.ReLU()), torch.zeros(1)), rules)
+    assert result.log[0].notes == ["from a file"]
+    with pytest.raises(RuleFileError, match="unknown action 'test_reg_file'"):
+        fxrewrite.load_rules(text)
