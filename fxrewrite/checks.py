@@ -1,5 +1,11 @@
 """Built-in checks. A check runs after a pattern matched and may reject the match with a reason.
 
+Registered in :data:`fxrewrite.registry.BUILTINS` when this module is imported
+(``fxrewrite/__init__.py`` does). Two are the check spelling of a pattern key, with
+the same meaning through the same helper, for when a rejection should be logged
+with its reason: ``max_users`` is ``num_users: {max: count}`` and ``attr_equals``
+is ``attrs: {name: value}``.
+
 In a rule file, ``checks:`` is a list of one-key mappings, ``{check_name: arguments}``
 (a list for positional arguments, a mapping for keyword arguments, or one value):
 
@@ -16,12 +22,13 @@ from __future__ import annotations
 
 from torch import fx
 
-from .pattern import input_nodes
-from .registry import register_check
+from .naming import class_matches, same_value
+from .pattern import Count, input_nodes
+from .registry import BUILTINS, register_check
 from .shapes import shape_tree
 
 
-@register_check("same_shape")
+@register_check("same_shape", registry=BUILTINS)
 def same_shape(ctx, match, a: fx.Node, b: fx.Node) -> str | None:
     """The two nodes' propagated output shapes are equal (needs a trace with example inputs)."""
     sa, sb = shape_tree(a), shape_tree(b)
@@ -33,7 +40,7 @@ def same_shape(ctx, match, a: fx.Node, b: fx.Node) -> str | None:
     return None
 
 
-@register_check("passthrough")
+@register_check("passthrough", registry=BUILTINS)
 def passthrough(ctx, match, node: fx.Node | None = None) -> str | None:
     """The node has one input and (when shapes are known) the same output shape as it."""
     node = node or match.root
@@ -46,16 +53,16 @@ def passthrough(ctx, match, node: fx.Node | None = None) -> str | None:
     return None
 
 
-@register_check("max_users")
+@register_check("max_users", registry=BUILTINS)
 def max_users(ctx, match, node: fx.Node | None = None, count: int = 1) -> str | None:
-    """The node's value is used by at most ``count`` nodes."""
+    """The node's value is used by at most ``count`` nodes (the pattern key ``num_users: {max: count}``)."""
     node = node or match.root
-    if len(node.users) > count:
+    if not Count(max=count).accepts(len(node.users)):
         return f"{node.name} is used by {len(node.users)} nodes ({', '.join(u.name for u in node.users)}), more than {count}"
     return None
 
 
-@register_check("not_output")
+@register_check("not_output", registry=BUILTINS)
 def not_output(ctx, match, node: fx.Node | None = None) -> str | None:
     """The node does not feed the graph's output directly."""
     node = node or match.root
@@ -64,24 +71,23 @@ def not_output(ctx, match, node: fx.Node | None = None) -> str | None:
     return None
 
 
-@register_check("attr_equals")
+@register_check("attr_equals", registry=BUILTINS)
 def attr_equals(ctx, match, node: fx.Node, name: str, value) -> str | None:
-    """The node's module has attribute ``name`` equal to ``value``."""
+    """The node's module has attribute ``name`` equal to ``value`` (the pattern key ``attrs: {name: value}``)."""
     module = ctx.modules.get(node.target) if node.op == "call_module" else None
     actual = getattr(module, name, "<missing>")
-    if actual != value and not (isinstance(actual, (list, tuple)) and list(actual) == value):
+    if not same_value(actual, value):
         return f"{node.name}.{name} is {actual!r}, not {value!r}"
     return None
 
 
-@register_check("has_submodule")
+@register_check("has_submodule", registry=BUILTINS)
 def has_submodule(ctx, match, node: fx.Node | None = None, name: str = "", cls: str | None = None) -> str | None:
-    """The node's module has a submodule at dotted path ``name`` (of class ``cls``, a glob, when given).
+    """The node's module has a submodule at dotted path ``name`` (of class ``cls``, a glob over its class
+    name or qualified name, when given).
 
     Lets a rule skip what it already rewrote, e.g. a block whose BatchNorm was folded.
     """
-    import fnmatch
-
     node = node or match.root
     module = ctx.modules.get(node.target) if node.op == "call_module" else None
     if module is None:
@@ -90,6 +96,6 @@ def has_submodule(ctx, match, node: fx.Node | None = None, name: str = "", cls: 
         sub = module.get_submodule(name)
     except AttributeError:
         return f"{node.name} ({type(module).__name__}) has no submodule {name!r}"
-    if cls is not None and not fnmatch.fnmatchcase(type(sub).__name__, cls):
+    if cls is not None and not class_matches(sub, cls):
         return f"{node.name}.{name} is a {type(sub).__name__}, not {cls}"
     return None

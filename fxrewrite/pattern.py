@@ -6,6 +6,11 @@ the node's inputs in order, so a pattern can describe a small DAG (a conv feedin
 a batch norm); ``capture`` names the matched node so that checks and actions can
 refer to it as ``$name``. A capture bound twice must bind the same node.
 
+Owns the pattern language: each field is declared once, with how rule files write
+it, and :mod:`fxrewrite.rule_file` derives the YAML keys and their parsers from the
+dataclass; the matching is :meth:`Pattern._match_self`. Globs and attribute
+equality are those of :mod:`fxrewrite.naming`.
+
 >>> import torch, fxrewrite
 >>> from fxrewrite import Pattern
 >>> gm = fxrewrite.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
@@ -16,12 +21,14 @@ refer to it as ``$name``. A capture bound twice must bind the same node.
 """
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping
 
 from torch import fx, nn
-from torch.fx.node import _get_qualified_name, map_arg
+from torch.fx.node import map_arg
+
+from .naming import class_matches, function_matches, glob_matches, same_value
+from .naming import class_names, function_names  # noqa: F401  (imported from here before naming.py)
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 
@@ -59,6 +66,11 @@ class Match:
         return {self.root, *self.captures.values()}
 
 
+def pattern_keys() -> dict[str, dict]:
+    """Every :class:`Pattern` field, in order, with how rule files write it (see ``_key``)."""
+    return {f.name: dict(f.metadata) for f in fields(Pattern)}
+
+
 def input_nodes(node: fx.Node) -> list[fx.Node]:
     """The node's inputs in argument order (args, then kwargs), flattening lists and tuples.
 
@@ -70,64 +82,20 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-_FUNCTION_NAMES: dict[Any, tuple[str, ...]] = {}
-
-
-def function_names(target: Any) -> tuple[str, ...]:
-    """Names a ``call_function`` target can be matched by: qualified and short.
-
-    Cached per target: naming a function is slow and a graph calls few distinct ones.
-    """
-    try:
-        return _FUNCTION_NAMES[target]
-    except (KeyError, TypeError):  # not seen yet, or not hashable
-        pass
-    try:
-        qualified = _get_qualified_name(target)
-    except Exception:  # a callable fx cannot name: match by its repr
-        qualified = repr(target)
-    short = getattr(target, "__name__", qualified.rpartition(".")[2])
-    names = qualified, short, qualified.replace("_operator.", "operator.")
-    try:
-        _FUNCTION_NAMES[target] = names
-    except TypeError:
-        pass
-    return names
-
-
-_FUNCTION_MATCHES: dict[tuple[str, Any], bool] = {}
-
-
-def function_matches(glob: str, target: Any) -> bool:
-    """Whether one of ``target``'s :func:`function_names` matches ``glob`` (cached)."""
-    try:
-        return _FUNCTION_MATCHES[glob, target]
-    except (KeyError, TypeError):
-        pass
-    found = any(fnmatch.fnmatchcase(name, glob) for name in function_names(target))
-    try:
-        _FUNCTION_MATCHES[glob, target] = found
-    except TypeError:
-        pass
-    return found
-
-
-def class_names(module: nn.Module) -> tuple[str, str]:
-    cls = type(module)
-    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _same(actual: Any, expected: Any) -> bool:
-    """Attribute equality that treats lists and tuples alike (YAML has no tuples)."""
-    if isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
-        return len(actual) == len(expected) and all(_same(a, e) for a, e in zip(actual, expected))
-    try:
-        return bool(actual == expected)
-    except Exception:
-        return False
-
-
 _MISSING = object()
+
+
+_CANONICAL = {"patterns": tuple, "attrs": dict}  # what the other kinds store their value as
+
+
+def _key(kind: str, *, default: Any = None, default_factory: Any = None, choices: tuple = ()) -> Any:
+    """A :class:`Pattern` field and how rule files write it (``kind``: ``string``, ``choice`` of
+    ``choices``, ``attrs``, ``count`` or ``patterns``): :mod:`fxrewrite.rule_file` derives its pattern
+    keys and their parsers from these, so a new field is written once, here."""
+    metadata = {"kind": kind, "choices": choices}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -145,25 +113,27 @@ class Pattern:
     * ``capture``: name under which the matched node is captured.
     """
 
-    op: str | None = None
-    function: str | None = None
-    method: str | None = None
-    module_class: str | None = None
-    module_name: str | None = None
-    attrs: Mapping[str, Any] = field(default_factory=dict)
-    num_inputs: Count | int | None = None
-    num_users: Count | int | None = None
-    inputs: tuple["Pattern | None", ...] = ()
-    capture: str | None = None
+    op: str | None = _key("choice", choices=OPS)
+    function: str | None = _key("string")
+    method: str | None = _key("string")
+    module_class: str | None = _key("string")
+    module_name: str | None = _key("string")
+    attrs: Mapping[str, Any] = _key("attrs", default_factory=dict)
+    num_inputs: Count | int | None = _key("count")
+    num_users: Count | int | None = _key("count")
+    inputs: tuple["Pattern | None", ...] = _key("patterns", default=())
+    capture: str | None = _key("string")
 
     def __post_init__(self):
-        # Accept friendly values, store canonical ones.
-        object.__setattr__(self, "num_inputs", Count.of(self.num_inputs))
-        object.__setattr__(self, "num_users", Count.of(self.num_users))
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", dict(self.attrs))
-        if self.op is not None and self.op not in OPS:
-            raise ValueError(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
+        # Accept friendly values, store canonical ones (by the kind each field declares).
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.metadata["kind"]
+            if kind == "count":
+                object.__setattr__(self, f.name, Count.of(value))
+            elif kind in _CANONICAL:
+                object.__setattr__(self, f.name, _CANONICAL[kind](value))
+            elif kind == "choice" and value is not None and value not in f.metadata["choices"]:
+                raise ValueError(f"unknown {f.name} {value!r}; expected one of {', '.join(f.metadata['choices'])}")
 
     # -- matching ---------------------------------------------------------
     def match(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> Match | None:
@@ -199,7 +169,7 @@ class Pattern:
             if node.op != "call_function" or not function_matches(self.function, node.target):
                 return False
         if self.method is not None:
-            if node.op != "call_method" or not fnmatch.fnmatchcase(node.target, self.method):
+            if node.op != "call_method" or not glob_matches(node.target, self.method):
                 return False
         if self.module_class is not None or self.module_name is not None or self.attrs:
             if node.op != "call_module":
@@ -207,14 +177,12 @@ class Pattern:
             module = modules.get(node.target)
             if module is None:
                 return False
-            if self.module_name is not None and not fnmatch.fnmatchcase(node.target, self.module_name):
+            if self.module_name is not None and not glob_matches(node.target, self.module_name):
                 return False
-            if self.module_class is not None and not any(
-                fnmatch.fnmatchcase(name, self.module_class) for name in class_names(module)
-            ):
+            if self.module_class is not None and not class_matches(module, self.module_class):
                 return False
             for name, expected in self.attrs.items():
-                if not _same(getattr(module, name, _MISSING), expected):
+                if not same_value(getattr(module, name, _MISSING), expected):
                     return False
         if self.num_users is not None and not self.num_users.accepts(len(node.users)):
             return False

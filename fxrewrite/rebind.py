@@ -30,11 +30,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import fx, nn
 
-from .engine import RewriteResult, copy_graph
+from .graph_copy import copy_graph
 from .errors import RebindError
+from .naming import Rename, rename_path
+from .result import RewriteResult
 from .tensors import bind_tensor, named_tensors
-
-Rename = Mapping[str, str] | Callable[[str], str]
 
 
 @dataclass
@@ -45,10 +45,7 @@ class Rebound:
 
 def rename_target(target: str, rename: Rename) -> str:
     """Apply a rename: a callable, or a mapping of dotted prefixes (longest prefix wins)."""
-    if callable(rename):
-        return rename(target)
-    best = max((p for p in rename if target == p or target.startswith(p + ".")), key=len, default=None)
-    return target if best is None else rename[best] + target[len(best):]
+    return rename_path(target, rename)
 
 
 def rebind(result: RewriteResult, rename: Rename | None = None, *, copy: bool = False) -> Rebound:

@@ -6,11 +6,16 @@
     max_iterations: 100        # optional: bound for fixed-point rules
     rules:
       - name: drop-identity
-        pattern: {module_class: Identity, capture: x}
-        checks:
-          - passthrough: $x
+        pattern: {module_class: Identity}
+        checks: [passthrough]  # checks and actions apply to the pattern's root by default
         action: collapse
         mode: fixed_point
+
+Owns the YAML side of the rule language: reading (safely, with line numbers), the
+file and rule keys, the pattern keys (derived from the :class:`~fxrewrite.pattern.Pattern`
+dataclass, with their parsers) and rules over a table (``table:``: one rule per row,
+``{column}`` in the rule replaced by the row's value). Checking a rule against the
+registry is :mod:`fxrewrite.rules`' job.
 
 Every error (unknown key, wrong type, unknown action, unknown module class, a
 capture used but never bound...) is reported as ``file:line: rule 'name': problem``;
@@ -30,64 +35,23 @@ all of them are collected and raised together as one
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import registry
+from . import registry as registries
 from .errors import RuleFileError, RuleProblem
-from .safe_yaml import MAX_TEXT_CHARS, GuardedLoader, YamlTooLarge, guarded_load
-from .pattern import OPS, Count, Pattern
+from .rule_tables import substitute
+from .safe_yaml import MAX_TEXT_CHARS, YamlTooLarge, guarded_load
+from .yaml_lines import LineList, LineLoader, LineMap, kind_of, plain
+from .pattern import Count, Pattern, pattern_keys
 from .rules import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, MODES, Check, Rule, RuleSet
 
 FILE_KEYS = {"rules", "plugins", "max_iterations", "description"}
-RULE_KEYS = {"name", "description", "pattern", "checks", "action", "args", "mode"}
-PATTERN_KEYS = {"op", "function", "method", "module_class", "module_name", "attrs", "num_inputs",
-                "num_users", "inputs", "capture"}
-
-
-class _Map(dict):
-    """A YAML mapping that remembers its line and the line of each key."""
-
-    line: int = 0
-    key_lines: dict
-
-
-class _Seq(list):
-    line: int = 0
-    item_lines: list
-
-
-class _Loader(GuardedLoader):
-    """A safe loader (no arbitrary objects, bounded nesting) whose mappings and lists carry line numbers."""
-
-
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    result = _Map()
-    result.line, result.key_lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, Hashable):
-            raise yaml.constructor.ConstructorError(None, None, f"{_kind(key)} cannot be a mapping key",
-                                                    key_node.start_mark)
-        if key in result:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.key_lines[key] = key_node.start_mark.line + 1
-    return result
-
-
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
-    result = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    result.line, result.item_lines = node.start_mark.line + 1, [c.start_mark.line + 1 for c in node.value]
-    return result
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+RULE_KEYS = {"name", "description", "pattern", "checks", "action", "args", "mode", "table"}
+PATTERN_FIELDS = pattern_keys()  # key -> {"kind": ..., "choices": ...}, from the Pattern dataclass
+PATTERN_KEYS = set(PATTERN_FIELDS)
 
 
 def shipped_rules_dir() -> Path:
@@ -95,18 +59,23 @@ def shipped_rules_dir() -> Path:
     return Path(str(importlib.resources.files("fxrewrite.rulesets")))
 
 
-def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
+def load_rules(source: str | Path, *, name: str | None = None,
+               registry: registries.Registry | None = None) -> RuleSet:
     """Compile a rule file to a :class:`RuleSet`.
 
     ``source`` is a path, the name of a shipped rule set (``"yolov9"``), or YAML
     text (anything containing a newline). ``name`` labels text in error messages.
+    ``registry``: what the rules are checked against and bound to (default: the current
+    registry, see :func:`fxrewrite.registry.current`); the plug-ins the file names are
+    loaded into :data:`fxrewrite.registry.DEFAULT`, so give a registry whose parents
+    include it when the file names plug-ins.
     """
     text, label = _read(source, name)
     if len(text) > MAX_TEXT_CHARS:
         raise RuleFileError([RuleProblem(label, None, None, f"too large for a rule file ({len(text):,} characters; "
                                                             f"the limit is {MAX_TEXT_CHARS:,})")])
     try:
-        data = guarded_load(text, _Loader)
+        data = guarded_load(text, LineLoader)
     except YamlTooLarge as exc:
         raise RuleFileError([RuleProblem(label, exc.line, None,
                                          f"refused: {exc.problem}")]) from None
@@ -120,7 +89,7 @@ def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
         first = str(exc).strip().splitlines()
         raise RuleFileError([RuleProblem(label, None, None, "not valid YAML: a value cannot be read"
                                          + (f" ({first[0]})" if first else ""))]) from None
-    return _compile(data, label)
+    return _compile(data, label, registry)
 
 
 def _read(source: str | Path, name: str | None) -> tuple[str, str]:
@@ -144,8 +113,9 @@ def _read(source: str | Path, name: str | None) -> tuple[str, str]:
 
 
 class _Compiler:
-    def __init__(self, file: str):
+    def __init__(self, file: str, registry: registries.Registry | None = None):
         self.file = file
+        self.registry = registry
         self.problems: list[RuleProblem] = []
 
     def error(self, line: int | None, rule: str | None, message: str) -> None:
@@ -154,7 +124,7 @@ class _Compiler:
     # -- file -----------------------------------------------------------------
     def file_(self, data: Any) -> RuleSet | None:
         if isinstance(data, list):
-            data = _Map(rules=data)
+            data = LineMap(rules=data)
             data.line, data.key_lines = 1, {"rules": 1}
         if not isinstance(data, dict):
             self.error(1, None, "a rule file is a mapping with a 'rules' list (or just that list)")
@@ -169,7 +139,7 @@ class _Compiler:
             plugins = []
         for plugin in plugins:
             try:
-                registry.load_plugin(plugin)
+                registries.load_plugin(plugin)
             except Exception as exc:
                 self.error(data.key_lines.get("plugins"), None, f"cannot load plug-in {plugin!r}: {exc}")
         max_iterations = data.get("max_iterations", DEFAULT_MAX_ITERATIONS)
@@ -184,16 +154,57 @@ class _Compiler:
         if not isinstance(rules_data, list):
             self.error(data.key_lines.get("rules", data.line), None, "'rules' must be a list of rules")
             return None
-        rules = [r for r in (self.rule(item, rules_data.item_lines[i] if isinstance(rules_data, _Seq) else None)
-                             for i, item in enumerate(rules_data)) if r is not None]
+        rules = [r for i, item in enumerate(rules_data)
+                 for r in self.rules(item, rules_data.item_lines[i] if isinstance(rules_data, LineList) else None)]
         try:  # also when other rules had problems: every error is reported, not only the first rule's
-            ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins))
+            ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins),
+                              registry=self.registry)
         except RuleFileError as exc:
             self.problems += exc.problems
             return None
         return None if self.problems else ruleset
 
     # -- rule -----------------------------------------------------------------
+    def rules(self, data: Any, line: int | None) -> list[Rule]:
+        """The rule ``data`` describes, or one per row of its ``table``."""
+        if not isinstance(data, dict) or "table" not in data:
+            rule = self.rule(data, line)
+            return [] if rule is None else [rule]
+        template = LineMap((k, v) for k, v in data.items() if k != "table")
+        template.line, template.key_lines = data.line, data.key_lines
+        rows = self.table(data["table"], data)
+        found = []
+        for row, row_line in rows:
+            used: set[str] = set()
+            unknown: set[str] = set()
+            expanded = substitute(template, row, used, unknown)
+            expanded.line = row_line  # the generated rule is where its row is
+            name = expanded.get("name") if isinstance(expanded.get("name"), str) else data.get("name")
+            for column in sorted(unknown):
+                self.error(data.line, name, f"{{{column}}} is not a column of the table "
+                                            f"(columns: {', '.join(sorted(row))})")
+            for column in sorted(set(row) - used):
+                self.error(row_line, name, f"table column {column!r} is used nowhere in the rule")
+            rule = self.rule(expanded, row_line)
+            if rule is not None:
+                found.append(rule)
+        return found
+
+    def table(self, data: Any, rule: dict) -> list[tuple[dict, int]]:
+        """The rows of a rule's ``table`` with their lines (problems reported)."""
+        at, name = rule.key_lines.get("table"), rule.get("name")
+        if not isinstance(data, list) or not data:
+            self.error(at, name, "'table' must be a non-empty list of mappings {column: value}")
+            return []
+        rows = []
+        for i, row in enumerate(data):
+            row_line = data.item_lines[i] if isinstance(data, LineList) else at
+            if not isinstance(row, dict) or not row or not all(isinstance(k, str) for k in row):
+                self.error(row_line, name, "each row of 'table' must be a mapping {column: value} with column names")
+                continue
+            rows.append((row, row_line))
+        return rows
+
     def rule(self, data: Any, line: int | None) -> Rule | None:
         if not isinstance(data, dict):
             self.error(line, None, "each rule must be a mapping with at least 'name' and 'action'")
@@ -205,7 +216,7 @@ class _Compiler:
         before = len(self.problems)
         lines = data.key_lines
         action_name = data.get("action")
-        spec = registry.action(action_name) if isinstance(action_name, str) else None
+        spec = (self.registry or registries.current()).action(action_name) if isinstance(action_name, str) else None
         for key in data:
             if key not in RULE_KEYS:
                 is_argument = spec is not None and (spec.params is None or key in spec.params)
@@ -214,11 +225,11 @@ class _Compiler:
         action = data.get("action")
         if not isinstance(action, str):
             self.error(lines.get("action", data.line), name, "a rule needs an 'action' (a string)"
-                       if action is None else f"'action' must be a string, not {_kind(action)}")
+                       if action is None else f"'action' must be a string, not {kind_of(action)}")
         pattern = self.pattern(data["pattern"], name, lines.get("pattern")) if "pattern" in data else None
         args = data.get("args", {})
         if not isinstance(args, dict):
-            self.error(lines.get("args"), name, f"'args' must be a mapping, not {_kind(args)}")
+            self.error(lines.get("args"), name, f"'args' must be a mapping, not {kind_of(args)}")
             args = {}
         checks = self.checks(data.get("checks", []), name, lines.get("checks"))
         mode = data.get("mode", "once")
@@ -231,45 +242,58 @@ class _Compiler:
             return None
         key_lines = dict(lines)
         key_lines.update((f"args.{k}", n) for k, n in getattr(args, "key_lines", {}).items())
-        return Rule(name=name, action=action, pattern=pattern, args=_plain(args), checks=tuple(checks),
+        return Rule(name=name, action=action, pattern=pattern, args=plain(args), checks=tuple(checks),
                     mode=mode, description=description, file=self.file, line=data.line, key_lines=key_lines)
 
     def pattern(self, data: Any, rule: str | None, line: int | None) -> Pattern | None:
         if not isinstance(data, dict):
-            self.error(line, rule, f"a pattern must be a mapping, not {_kind(data)}")
+            self.error(line, rule, f"a pattern must be a mapping, not {kind_of(data)}")
             return None
         lines = data.key_lines
         fields: dict[str, Any] = {}
         for key, value in data.items():
             at = lines.get(key)
-            if key not in PATTERN_KEYS:
+            spec = PATTERN_FIELDS.get(key)
+            if spec is None:
                 self.error(at, rule, f"unknown pattern key {key!r}; expected {', '.join(sorted(PATTERN_KEYS))}")
-            elif key == "op" and value not in OPS:
-                self.error(at, rule, f"'op' must be one of {', '.join(OPS)}, not {value!r}")
-            elif key in ("op", "function", "method", "module_class", "module_name", "capture"):
-                if not isinstance(value, str):
-                    self.error(at, rule, f"pattern key {key!r} must be a string, not {_kind(value)}")
-                else:
-                    fields[key] = value
-            elif key == "attrs":
-                if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                    self.error(at, rule, "'attrs' must be a mapping of attribute names (strings) to values, not "
-                                         + (_kind(value) if not isinstance(value, dict) else
-                                            f"one with the key {next(k for k in value if not isinstance(k, str))!r}"))
-                else:
-                    fields[key] = _plain(value)
-            elif key in ("num_inputs", "num_users"):
-                count = self.count(value, key, rule, at)
-                if count is not None:
-                    fields[key] = count
-            elif key == "inputs":
-                if not isinstance(value, list):
-                    self.error(at, rule, f"'inputs' must be a list of patterns (or null for any), not {_kind(value)}")
-                else:
-                    item_lines = getattr(value, "item_lines", [at] * len(value))
-                    subs = [None if v is None else self.pattern(v, rule, item_lines[i]) for i, v in enumerate(value)]
-                    fields[key] = tuple(subs)
+                continue
+            parsed = getattr(self, f"_pattern_{spec['kind']}")(key, value, spec, rule, at)
+            if parsed is not _INVALID:
+                fields[key] = parsed
         return Pattern(**fields)
+
+    # One parser per kind of pattern key (see fxrewrite.pattern._key); each returns the field's
+    # value, or _INVALID after reporting the problem.
+    def _pattern_choice(self, key: str, value: Any, spec: dict, rule: str | None, at: int | None) -> Any:
+        if value not in spec["choices"]:
+            self.error(at, rule, f"{key!r} must be one of {', '.join(spec['choices'])}, not {value!r}")
+            return _INVALID
+        return value
+
+    def _pattern_string(self, key: str, value: Any, spec: dict, rule: str | None, at: int | None) -> Any:
+        if not isinstance(value, str):
+            self.error(at, rule, f"pattern key {key!r} must be a string, not {kind_of(value)}")
+            return _INVALID
+        return value
+
+    def _pattern_attrs(self, key: str, value: Any, spec: dict, rule: str | None, at: int | None) -> Any:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            self.error(at, rule, f"{key!r} must be a mapping of attribute names (strings) to values, not "
+                                 + (kind_of(value) if not isinstance(value, dict) else
+                                    f"one with the key {next(k for k in value if not isinstance(k, str))!r}"))
+            return _INVALID
+        return plain(value)
+
+    def _pattern_count(self, key: str, value: Any, spec: dict, rule: str | None, at: int | None) -> Any:
+        count = self.count(value, key, rule, at)
+        return _INVALID if count is None else count
+
+    def _pattern_patterns(self, key: str, value: Any, spec: dict, rule: str | None, at: int | None) -> Any:
+        if not isinstance(value, list):
+            self.error(at, rule, f"{key!r} must be a list of patterns (or null for any), not {kind_of(value)}")
+            return _INVALID
+        item_lines = getattr(value, "item_lines", [at] * len(value))
+        return tuple(None if v is None else self.pattern(v, rule, item_lines[i]) for i, v in enumerate(value))
 
     def count(self, value: Any, key: str, rule: str | None, line: int | None) -> Count | None:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -278,16 +302,16 @@ class _Compiler:
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()):
             return Count(value.get("min"), value.get("max"))
         self.error(line, rule, f"{key!r} must be a non-negative integer or a mapping {{min, max}}, "
-                               f"not {_kind(value)} ({value!r})")
+                               f"not {kind_of(value)} ({value!r})")
         return None
 
     def checks(self, data: Any, rule: str | None, line: int | None) -> list[Check]:
         if not isinstance(data, list):
-            self.error(line, rule, f"'checks' must be a list of one-key mappings {{check: arguments}}, not {_kind(data)}")
+            self.error(line, rule, f"'checks' must be a list of one-key mappings {{check: arguments}}, not {kind_of(data)}")
             return []
         found = []
         for i, item in enumerate(data):
-            at = data.item_lines[i] if isinstance(data, _Seq) else line
+            at = data.item_lines[i] if isinstance(data, LineList) else line
             if isinstance(item, str):
                 item = {item: None}
             if not isinstance(item, dict) or len(item) != 1:
@@ -295,9 +319,9 @@ class _Compiler:
                 continue
             ((name, value),) = item.items()
             if isinstance(value, list):
-                found.append(Check(name, tuple(_plain(value)), {}, at))
+                found.append(Check(name, tuple(plain(value)), {}, at))
             elif isinstance(value, dict):
-                found.append(Check(name, (), _plain(value), at))
+                found.append(Check(name, (), plain(value), at))
             elif value is None:
                 found.append(Check(name, (), {}, at))
             else:
@@ -305,25 +329,13 @@ class _Compiler:
         return found
 
 
-def _compile(data: Any, label: str) -> RuleSet:
-    compiler = _Compiler(label)
+_INVALID = object()
+
+
+def _compile(data: Any, label: str, registry: registries.Registry | None = None) -> RuleSet:
+    compiler = _Compiler(label, registry)
     rules = compiler.file_(data)
     if compiler.problems or rules is None:
         problems = sorted(compiler.problems, key=lambda p: p.line or 0)  # in file order
         raise RuleFileError(problems or [RuleProblem(label, None, None, "no rules")])
     return rules
-
-
-def _plain(value: Any) -> Any:
-    """Strip the line-number wrappers: rules hold plain dicts and lists."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", _Map: "a mapping", list: "a list", _Seq: "a list", str: "a string",
-            int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}.get(type(value),
-                                                                                            type(value).__name__)

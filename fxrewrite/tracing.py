@@ -10,6 +10,9 @@
   had produced is rolled back and :class:`TraceReport` says which and why;
 * every node gets a :class:`~fxrewrite.provenance.Provenance`.
 
+Owns the first layer: turning a module into a graph. Class and name globs are those of
+:mod:`fxrewrite.naming`, as in patterns.
+
 >>> import torch, fxrewrite
 >>> class Loopy(torch.nn.Module):
 ...     def forward(self, xs):
@@ -28,7 +31,6 @@
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -36,6 +38,7 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
+from .naming import class_matches, glob_matches
 from .provenance import META_KEY, Provenance
 from .shapes import propagate_shapes
 
@@ -64,10 +67,9 @@ class LeafPolicy:
 
     def is_leaf(self, module: nn.Module, qualname: str) -> bool:
         cls = type(module)
-        full = f"{cls.__module__}.{cls.__qualname__}"
-        if any(fnmatch.fnmatchcase(cls.__name__, p) or fnmatch.fnmatchcase(full, p) for p in self.classes):
+        if self.classes and class_matches(cls, self.classes):
             return True
-        if any(fnmatch.fnmatchcase(qualname, p) for p in self.names):
+        if any(glob_matches(qualname, p) for p in self.names):
             return True
         if self.max_depth is not None and qualname and qualname.count(".") + 1 >= self.max_depth:
             return True

@@ -15,7 +15,6 @@ and :func:`check_rewrite_contract` (the engine's contract on one model and one r
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import yaml
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxrewrite
+from fxrewrite.examples import StepModel
 from fxrewrite.errors import RewriteError, RuleFileError
 
 # ---------------------------------------------------------------------------- models
@@ -30,85 +30,16 @@ KINDS = ["linear", "linear", "relu", "identity", "identity", "dropout", "batchno
          "method_relu", "scale"]
 
 
-class RandomModel(nn.Module):
-    """Value 0 is the input; step ``i`` computes value ``i + 1`` from earlier values.
-
-    ``forward`` returns ``(last value, end of an auxiliary chain)``.
-    """
-
-    def __init__(self, in_width: int, steps: list, aux: tuple, seed: int):
-        super().__init__()
-        self.steps = steps
-        self.aux_source, aux_chain = aux
-        widths = [in_width]
-        self.layers = nn.ModuleDict()
-        for i, (kind, inputs, width) in enumerate(steps):
-            w_in = widths[inputs[0]]
-            if kind == "linear":
-                self.layers[str(i)] = nn.Linear(w_in, width)
-            elif kind == "relu":
-                self.layers[str(i)] = nn.ReLU()
-            elif kind == "identity":
-                self.layers[str(i)] = nn.Identity()
-            elif kind == "dropout":
-                self.layers[str(i)] = nn.Dropout(0.5)
-            elif kind == "batchnorm":
-                self.layers[str(i)] = nn.BatchNorm1d(w_in)
-            widths.append(width)
-        self.scale = nn.Parameter(torch.ones(()))
-        self.aux = nn.Sequential()
-        width = widths[self.aux_source]
-        for kind, out in aux_chain:
-            self.aux.append(nn.Linear(width, out) if kind == "linear" else nn.Identity())
-            width = out if kind == "linear" else width
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-
-    def forward(self, x):
-        values = [x]
-        for i, (kind, inputs, _) in enumerate(self.steps):
-            a = values[inputs[0]]
-            if kind == "add":
-                values.append(a + values[inputs[1]])
-            elif kind == "mul":
-                values.append(operator.mul(a, values[inputs[1]]))
-            elif kind == "cat":
-                values.append(torch.cat([values[j] for j in inputs], 1))
-            elif kind == "method_relu":
-                values.append(a.relu())
-            elif kind == "scale":
-                values.append(a * self.scale)
-            else:
-                values.append(self.layers[str(i)](a))
-        return values[-1], self.aux(values[self.aux_source])
+# The model a list of steps describes (fxrewrite.examples.StepModel, shared with tests/core/test_properties.py).
+RandomModel = StepModel
 
 
 @st.composite
 def random_models(draw):
     """``(model, example input)``: a traced-able random DAG model, in train or eval mode."""
-    in_width = draw(st.integers(1, 4))
-    widths = [in_width]
-    steps = []
-    for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(KINDS))
-        first = draw(st.integers(0, len(widths) - 1))
-        if kind in ("add", "mul"):
-            same = [j for j, w in enumerate(widths) if w == widths[first]]
-            inputs, width = (first, draw(st.sampled_from(same))), widths[first]
-        elif kind == "cat":
-            inputs = (first, draw(st.integers(0, len(widths) - 1)))
-            width = widths[inputs[0]] + widths[inputs[1]]
-        else:
-            inputs = (first,)
-            width = draw(st.integers(1, 5)) if kind == "linear" else widths[first]
-        steps.append((kind, inputs, width))
-        widths.append(width)
-    aux_chain = draw(st.lists(st.tuples(st.sampled_from(["linear", "identity"]), st.integers(1, 4)),
-                              min_size=1, max_size=3))
-    aux = (draw(st.integers(0, len(widths) - 1)), aux_chain)
-    model = RandomModel(in_width, steps, aux, draw(st.integers(0, 2**16)))
+    model = RandomModel.random(lambda lo, hi: draw(st.integers(lo, hi)),
+                               lambda options: draw(st.sampled_from(options)), KINDS)
+    in_width = model.in_width
     model.train(draw(st.booleans()))
     batch = draw(st.integers(2, 3))  # BatchNorm1d in training mode needs more than one sample
     x = torch.randn(batch, in_width, generator=torch.Generator().manual_seed(draw(st.integers(0, 1000))))

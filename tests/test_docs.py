@@ -7,13 +7,15 @@ skipped, ``yaml invalid`` blocks must fail with exactly the message of the ``tex
 after them); every ``pycon`` block runs and prints what it shows (the blocks form one
 doctest, in order).
 
+``docs/architecture.md``: its ``pycon`` examples (a new action, check and block) run and print
+what they show, in a scoped registry; its links resolve.
+
 ``docs/cli.md`` is what ``scripts/gen_cli_docs.py`` generates from the argparse parsers.
 """
 from __future__ import annotations
 
 import doctest
 import importlib.util
-import inspect
 import json
 import re
 import subprocess
@@ -28,6 +30,7 @@ from fxrewrite.rule_file import FILE_KEYS, PATTERN_KEYS, RULE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES_MD = ROOT / "docs" / "rules.md"
+ARCHITECTURE_MD = ROOT / "docs" / "architecture.md"
 CLI_MD = ROOT / "docs" / "cli.md"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 
@@ -143,12 +146,33 @@ def test_every_yaml_fragment_is_valid_yaml(doc):
             assert yaml.safe_load(content) is not None, f"docs/rules.md:{line}"
 
 
-def test_the_python_examples_run_and_print_what_they_show(doc):
-    examples = "\n".join(content for info, content, _ in blocks(doc) if info == "pycon")
-    test = doctest.DocTestParser().get_doctest(examples, {}, "docs/rules.md", str(RULES_MD), 0)
+def run_pycon(text: str, path: Path) -> doctest.TestResults:
+    """Run the ``pycon`` blocks of a page as one doctest, in a scoped registry (what they register
+    is gone after)."""
+    examples = "\n".join(content for info, content, _ in blocks(text) if info == "pycon")
+    test = doctest.DocTestParser().get_doctest(examples, {}, path.name, str(path), 0)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    runner.run(test)
-    assert runner.failures == 0 and runner.tries >= 30, f"{runner.failures} of {runner.tries} examples failed"
+    with fxrewrite.registry.scoped():
+        runner.run(test)
+    return runner.summarize(verbose=False)
+
+
+def test_the_python_examples_run_and_print_what_they_show(doc):
+    failures, tries = run_pycon(doc, RULES_MD)
+    assert failures == 0 and tries >= 30, f"{failures} of {tries} examples failed"
+    assert fxrewrite.registry.action("relu_after") is None  # registered in the scope only
+
+
+def test_architecture_examples_run_and_print_what_they_show():
+    from fxrewrite.yolov9 import classes, model
+
+    try:
+        failures, tries = run_pycon(ARCHITECTURE_MD.read_text(encoding="utf-8"), ARCHITECTURE_MD)
+    finally:  # the block example registers "Gate" with the plug-in's config and checkpoint tables too
+        model.unregister_block("Gate")
+        classes.unregister_block("models.common.Gate")
+    assert failures == 0 and tries >= 15, f"{failures} of {tries} examples failed"
+    assert "models.common.Gate" not in classes.official_aliases()
 
 
 # -- docs/cli.md ------------------------------------------------------------------------
@@ -181,10 +205,17 @@ def test_cli_md_documents_every_command_and_option():
             assert f"`{label}" in body, f"fxrewrite {name}: {label} is not documented"
 
 
-def test_rules_md_links_resolve(doc):
-    for target in re.findall(r"\]\(((?:\.\./|\./)?[\w./-]+)\)", doc):
-        assert (RULES_MD.parent / target).exists(), f"docs/rules.md links to {target}, which does not exist"
+@pytest.mark.parametrize("page", [RULES_MD, ARCHITECTURE_MD], ids=lambda p: p.name)
+def test_links_resolve(page):
+    text = page.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(((?:\.\./|\./)?[\w./-]+)(?:#[\w-]+)?\)", text):
+        assert (page.parent / target).exists(), f"docs/{page.name} links to {target}, which does not exist"
     anchors = {re.sub(r"[^\w\- ]", "", h.strip("# ").lower()).replace(" ", "-")
-               for h in re.findall(r"^#{2,3} .*$", doc, re.M)}
-    for anchor in re.findall(r"\]\(#([\w-]+)\)", doc):
-        assert anchor in anchors, f"docs/rules.md links to #{anchor}, which is no heading"
+               for h in re.findall(r"^#{2,3} .*$", text, re.M)}
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", text):
+        assert anchor in anchors, f"docs/{page.name} links to #{anchor}, which is no heading"
+    for target, anchor in re.findall(r"\]\(([\w.-]+\.md)#([\w-]+)\)", text):
+        other = (page.parent / target).read_text(encoding="utf-8")
+        headings = {re.sub(r"[^\w\- ]", "", h.strip("# ").lower()).replace(" ", "-")
+                    for h in re.findall(r"^#{2,3} .*$", other, re.M)}
+        assert anchor in headings, f"docs/{page.name} links to {target}#{anchor}, which is no heading"

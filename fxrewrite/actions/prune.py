@@ -4,7 +4,8 @@ Outputs are chosen by position in the output structure (``outputs: [0]``,
 ``outputs: [[0, 1]]`` for a nested position), by the rule's pattern (every
 matched node becomes an output), or left as they are. Every node the outputs
 do not depend on is deleted; placeholders stay, so the signature is unchanged.
-The walk is linear in the size of the graph.
+The tensors of the modules no remaining node calls are listed in the rule log as
+dropped. The walk is linear in the size of the graph and of the dropped modules.
 
 >>> import torch, fxrewrite
 >>> from fxrewrite import Rule
@@ -26,13 +27,12 @@ from typing import Any
 
 from torch import fx
 
-from ..engine import PRUNED, RewriteContext
-from ..errors import RewriteError
+from ..context import PRUNED, RewriteContext, reachable
 from ..pattern import Match
-from ..registry import Param, register_action
+from ..registry import BUILTINS, Param, register_action
 
 
-@register_action("prune_unreachable", per_match=False, only_deletes=True, params={
+@register_action("prune_unreachable", registry=BUILTINS, per_match=False, only_deletes=True, params={
     "outputs": Param((list,), doc="positions in the output structure to keep: integers or [i, j, ...] paths"),
 }, doc="Keep only the selected outputs (by position or by the rule's pattern) and what they need.")
 def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list | None = None) -> None:
@@ -41,27 +41,24 @@ def prune_unreachable(ctx: RewriteContext, matches: list[Match], outputs: list |
     if ctx.rule.pattern is not None:
         roots = [m.root for m in matches if m.root.op != "output"]  # the output node cannot output itself
         if not roots:
-            raise RewriteError(ctx.rule.name, "no node matched the output pattern; refusing to prune everything")
+            ctx.refuse("no node matched the output pattern; refusing to prune everything")
         selected += roots
     if selected:
         new_value = selected[0] if len(selected) == 1 else tuple(selected)
         if new_value != output.args[0]:
-            output.args = (new_value,)
-            ctx.mark(output, "kept")
-    keep = _reachable(output)
+            ctx.set_args(output, (new_value,))
+    keep = reachable(output, users=False)
     gone: list[str] = []
     for node in reversed(list(ctx.graph.nodes)):
         if node not in keep and node.op != "placeholder":
             if node.op in ("call_module", "get_attr"):
                 gone.append(node.target)
             ctx.erase(node, PRUNED)
-    # The tensors of modules no remaining node uses are dropped (listed in the rule log by origin).
     used = {n.target for n in ctx.graph.nodes if n.op in ("call_module", "get_attr")}
     for target in reversed(gone):  # in graph order
         if target not in used:
             used.add(target)
-            ctx.log.dropped += [origin for key, origin in ctx.param_origin.items()
-                                if key == target or key.startswith(target + ".")]
+            ctx.drop_tensors(target)
 
 
 def _at(ctx: RewriteContext, value: Any, position: Any) -> Any:
@@ -74,8 +71,7 @@ def _at(ctx: RewriteContext, value: Any, position: Any) -> Any:
         elif isinstance(value, fx.Node) and step == 0 and len(path) == 1:
             return value  # a single output is position 0
         else:
-            raise RewriteError(ctx.rule.name, f"output position {position} does not exist in the output "
-                                              f"structure {_describe(value)}")
+            ctx.refuse(f"output position {position} does not exist in the output structure {_describe(value)}")
     return value
 
 
@@ -83,13 +79,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, fx.Node):
         return f"(a single value, {value.name})"
     return repr(fx.node.map_arg(value, lambda n: n.name))
-
-
-def _reachable(output: fx.Node) -> set[fx.Node]:
-    seen, todo = {output}, [output]
-    while todo:
-        for inp in todo.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                todo.append(inp)
-    return seen

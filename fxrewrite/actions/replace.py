@@ -4,18 +4,20 @@ Arguments:
 
 * ``with``: the new module's class, by registered name (``DDetect``, ``nn.ReLU``);
 * ``inputs``: which inputs the new module keeps, in argument order: a list of
-  indices, a slice string (``"3:"``, ``":-1"``), or ``{groups: G, keep: K}``
-  (split the inputs into G equal groups and keep group K, 0-based);
+  indices, a slice string (``"3:"``, ``":-1"``), or ``{split: N, keep: K}`` (split
+  the inputs into N equal parts and keep part K: an index from 0, negative from the
+  end, or ``first`` / ``last``); ``{groups: N, keep: K}`` is the old spelling;
 * ``init``: constructor keyword arguments; values may refer to the matched
-  module's attributes (``$head.nc``) or to the kept inputs
-  (``$kept_inputs.channels``: their dimension 1, from shape propagation;
-  ``$kept_inputs.shapes``; ``$kept_inputs.count``);
-* ``params``: parameter-name prefixes, old -> new (``{cv4: cv2}``): the new
-  module's tensor ``cv2.0.weight`` *is* the old ``cv4.0.weight`` (shared, shape
-  checked); a name no prefix maps keeps its own name; the longest matching new
-  prefix wins, so ModuleList levels can be renumbered (``{cv2.1: cv2.0, cv2.2: cv2.1}``).
-  A submodule whose tensors all come from one old submodule of the same class
-  also takes its plain settings (a BatchNorm's ``eps`` and ``momentum``...);
+  module's attributes (``$head.nc``) or to the kept inputs, which this action
+  provides as ``$kept_inputs`` (``.channels``: their dimension 1, from shape
+  propagation; ``.shapes``; ``.count``);
+* ``rename``: tensor-name prefixes, old -> new (``{cv4: cv2}``: rename ``cv4`` to
+  ``cv2``): the new module's tensor ``cv2.0.weight`` *is* the old ``cv4.0.weight``
+  (shared, shape checked); a name no prefix maps keeps its own name; the longest
+  matching new prefix wins, so ModuleList levels can be renumbered
+  (``{cv2.1: cv2.0, cv2.2: cv2.1}``). ``params`` is its old spelling. A submodule
+  whose tensors all come from one old submodule of the same class also takes its
+  plain settings (a BatchNorm's ``eps`` and ``momentum``...);
 * ``copy_attrs``: attributes copied from the old module (``[stride]``);
 * ``strict`` (default true): every tensor of the new module must have a source.
 
@@ -32,17 +34,16 @@ Old tensors the new module does not take are listed in the rule log as dropped.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .. import registry
-from ..engine import RewriteContext
+from ..context import RewriteContext
 from ..errors import RewriteError
 from ..pattern import Match, input_nodes
-from ..provenance import derive
-from ..registry import Param, register_action
+from ..registry import BUILTINS, Param, Registry, register_action
 from ..shapes import shape_of, shape_tree
 from ..tensors import bind_tensor, named_tensors
 
@@ -52,27 +53,64 @@ from ..tensors import bind_tensor, named_tensors
 MAX_NEW_ELEMENTS = 2**31
 
 
-@register_action("replace", params={
-    "with": Param((str,), required=True, doc="registered class name of the new module"),
-    "node": Param((str,), doc="capture of the node to replace (default: the pattern's root)"),
-    "inputs": Param((list, str, dict), doc="inputs to keep: indices, a slice string, or {groups, keep}"),
+def _module_class(name: str, registry: Registry) -> type[nn.Module]:
+    cls = registry.module_class(name)
+    if cls is None:
+        raise ValueError(f"unknown module class {name!r} in replace; register it with "
+                         f"fxrewrite.register_module_class (registered: "
+                         f"{', '.join(registry.module_class_names()) or 'none'})")
+    return cls
+
+
+class KeptInputs:
+    """What ``$kept_inputs`` refers to: the inputs the new module keeps (computed only when used)."""
+
+    def __init__(self, ctx: RewriteContext, nodes: list[fx.Node]):
+        self._ctx, self.nodes = ctx, nodes
+
+    @property
+    def count(self) -> int:
+        return len(self.nodes)
+
+    @cached_property
+    def shapes(self) -> list:
+        return [shape_tree(n) for n in self.nodes]
+
+    @cached_property
+    def channels(self) -> list[int]:
+        found = []
+        for node in self.nodes:
+            shape = shape_of(node)
+            if shape is None or len(shape) < 2:
+                self._ctx.refuse(f"$kept_inputs.channels needs propagated shapes: input {node.name} has "
+                                 f"{'none' if shape is None else shape}; trace with example inputs")
+            found.append(shape[1])
+        return found
+
+
+def kept_inputs(ctx: RewriteContext, match: Match, args: dict) -> KeptInputs:
+    """The provider of ``$kept_inputs``: the inputs of ``node`` that ``inputs`` selects."""
+    return KeptInputs(ctx, select_inputs(input_nodes(args["node"]), args.get("inputs"), ctx))
+
+
+@register_action("replace", registry=BUILTINS, provides={"kept_inputs": kept_inputs}, params={
+    "with": Param((str,), required=True, parse=_module_class, doc="registered class name of the new module"),
+    "node": Param((str,), default="$root", doc="capture of the node to replace (default: the pattern's root)"),
+    "inputs": Param((list, str, dict), doc="inputs to keep: indices, a slice string, or {split, keep}"),
     "init": Param((dict,), doc="constructor keyword arguments ($capture.attr, $kept_inputs.channels ...)"),
-    "params": Param((dict,), doc="tensor-name prefixes, old -> new"),
+    "rename": Param((dict,), doc="tensor-name prefixes, old -> new"),
+    "params": Param((dict,), alias_of="rename", doc="the old spelling of rename"),
     "copy_attrs": Param((list,), doc="attributes copied from the old module"),
     "strict": Param((bool,), default=True, doc="every tensor of the new module must have a source"),
 }, doc="Swap the matched module for another class, keeping chosen inputs and re-binding tensors by name.")
-def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: Any = None,
-            init: dict | None = None, params: dict | None = None, copy_attrs: list | None = None,
-            strict: bool = True, **kwargs: Any) -> None:
-    rule = ctx.rule.name
-    target = ctx.resolve(node, match)
-    old = ctx.module(target)
-    cls = registry.module_class(kwargs["with"])
-    all_inputs = input_nodes(target)
-    kept = select_inputs(all_inputs, inputs, rule)
-    kept_info = {"channels": [_channels(n, rule) for n in kept] if "$kept_inputs.channels" in repr(init) else None,
-                 "shapes": [shape_tree(n) for n in kept], "count": len(kept)}
-    ctor_args = ctx.resolve(init or {}, match, {"kept_inputs": kept_info})
+def replace(ctx: RewriteContext, match: Match, *, node: fx.Node, inputs: Any = None, init: dict | None = None,
+            rename: dict | None = None, copy_attrs: list | None = None, strict: bool = True,
+            **kwargs: Any) -> None:
+    rule = ctx.rule_name
+    cls = kwargs["with"]
+    old = ctx.module(node)
+    kept = select_inputs(input_nodes(node), inputs, ctx)
+    ctor_args = init or {}
 
     def construct(on_meta: bool) -> nn.Module:
         try:
@@ -85,11 +123,11 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
 
     def finish(new: nn.Module) -> tuple[nn.Module, dict]:
         new.train(old.training)
-        sources = _bind(new, old, params or {}, strict, rule)
+        sources = _bind(new, old, rename or {}, strict, rule)
         _copy_settings(new, old, sources)
         for attr in copy_attrs or ():
             if not hasattr(old, attr):
-                raise RewriteError(rule, f"cannot copy attribute {attr!r}: {type(old).__name__} has none")
+                ctx.refuse(f"cannot copy attribute {attr!r}: {type(old).__name__} has none")
             setattr(new, attr, getattr(old, attr))
         return new, sources
 
@@ -105,8 +143,8 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
     if probe is not None:
         elements = sum(t.numel() for _, t in named_tensors(probe))
         if elements > MAX_NEW_ELEMENTS:
-            raise RewriteError(rule, f"refused to build {cls.__name__}({_show(ctor_args)}): it would hold "
-                                     f"{elements:,} tensor elements, more than the limit of {MAX_NEW_ELEMENTS:,}")
+            ctx.refuse(f"refused to build {cls.__name__}({_show(ctor_args)}): it would hold "
+                       f"{elements:,} tensor elements, more than the limit of {MAX_NEW_ELEMENTS:,}")
     new = None
     if strict and probe is not None:
         new, sources = finish(probe)
@@ -114,12 +152,8 @@ def replace(ctx: RewriteContext, match: Match, *, node: str = "$root", inputs: A
             new = None
     if new is None:
         new, sources = finish(construct(on_meta=False))
-    taken = set(sources.values())
-    ctx.log.dropped += [ctx.param_origin.get(f"{target.target}.{name}") or f"{target.target}.{name}"
-                        for name, _ in named_tensors(old) if name not in taken]
-    target.args, target.kwargs = _rebuild_args(target, kept, rule), {}
-    ctx.install_module(target, new, sources)
-    derive(target, target, rule, module_class=cls.__name__)
+    ctx.set_args(node, _rebuild_args(node, kept, ctx))
+    ctx.set_module(node, new, sources)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -138,7 +172,7 @@ def _materialise_empty_tensors(module: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def select_inputs(inputs: list[fx.Node], selector: Any, rule: str) -> list[fx.Node]:
+def select_inputs(inputs: list[fx.Node], selector: Any, ctx: RewriteContext) -> list[fx.Node]:
     """The inputs a selector keeps (see the module docstring for the selector forms)."""
     n = len(inputs)
     if selector is None:
@@ -146,27 +180,32 @@ def select_inputs(inputs: list[fx.Node], selector: Any, rule: str) -> list[fx.No
     if isinstance(selector, list):
         bad = [i for i in selector if not isinstance(i, int) or not -n <= i < n]
         if bad:
-            raise RewriteError(rule, f"input indices {bad} out of range for a node with {n} inputs")
+            ctx.refuse(f"input indices {bad} out of range for a node with {n} inputs")
         return [inputs[i] for i in selector]
     if isinstance(selector, str):
         m = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", selector)
         if not m:
-            raise RewriteError(rule, f"bad input slice {selector!r}; expected 'start:stop'")
+            ctx.refuse(f"bad input slice {selector!r}; expected 'start:stop'")
         start, stop = (int(g) if g else None for g in m.groups())
         return inputs[start:stop]
-    groups, keep = selector.get("groups"), selector.get("keep")
-    if not isinstance(groups, int) or groups <= 0 or n % groups or not isinstance(keep, int) or not 0 <= keep < groups:
-        raise RewriteError(rule, f"cannot split {n} inputs into {groups} equal groups and keep group {keep}")
-    size = n // groups
+    parts, keep = _split(selector, ctx)
+    if not isinstance(parts, int) or isinstance(parts, bool) or parts <= 0 or n % parts \
+            or not isinstance(keep, int) or isinstance(keep, bool) or not -parts <= keep < parts:
+        ctx.refuse(f"cannot split {n} inputs into {parts} equal parts and keep part {keep}")
+    size = n // parts
+    keep %= parts
     return inputs[keep * size:(keep + 1) * size]
 
 
-def _channels(node: fx.Node, rule: str) -> int:
-    shape = shape_of(node)
-    if shape is None or len(shape) < 2:
-        raise RewriteError(rule, f"$kept_inputs.channels needs propagated shapes: input {node.name} has "
-                                 f"{'none' if shape is None else shape}; trace with example inputs")
-    return shape[1]
+def _split(selector: dict, ctx: RewriteContext) -> tuple[Any, Any]:
+    """``(parts, index)`` of ``{split: N, keep: K}`` (or the old ``{groups: N, keep: K}``)."""
+    keys = set(selector)
+    if keys not in ({"split", "keep"}, {"groups", "keep"}):
+        ctx.refuse(f"inputs: expected {{split: N, keep: K}} (or {{groups: N, keep: K}}), not {selector!r}")
+    parts, keep = selector.get("split", selector.get("groups")), selector["keep"]
+    if keep in ("first", "last") and isinstance(parts, int):
+        keep = 0 if keep == "first" else parts - 1
+    return parts, keep
 
 
 def _bind(new: nn.Module, old: nn.Module, prefixes: dict, strict: bool, rule: str) -> dict:
@@ -185,7 +224,7 @@ def _bind(new: nn.Module, old: nn.Module, prefixes: dict, strict: bool, rule: st
             sources[name] = source
         elif strict:
             raise RewriteError(rule, f"{type(new).__name__}.{name} has no source: {type(old).__name__} has no "
-                                     f"tensor {source} (map it with params:, or set strict: false)")
+                                     f"tensor {source} (map it with rename:, or set strict: false)")
         else:
             sources[name] = None
     return sources
@@ -226,15 +265,15 @@ def _source_name(name: str, renames: list[tuple[str, str]]) -> str:
     return name
 
 
-def _rebuild_args(node: fx.Node, kept: list[fx.Node], rule: str) -> tuple:
+def _rebuild_args(node: fx.Node, kept: list[fx.Node], ctx: RewriteContext) -> tuple:
     args = node.args
     if len(args) == 1 and not node.kwargs and isinstance(args[0], (list, tuple)) and \
             all(isinstance(a, fx.Node) for a in args[0]):
         return (type(args[0])(kept),)
     if not node.kwargs and all(isinstance(a, fx.Node) for a in args):
         return tuple(kept)
-    raise RewriteError(rule, f"cannot choose inputs of {node.name}: its arguments are neither one list of "
-                             f"values nor only values ({fx.node.map_arg(args, lambda n: n.name)!r})")
+    ctx.refuse(f"cannot choose inputs of {node.name}: its arguments are neither one list of "
+               f"values nor only values ({fx.node.map_arg(args, lambda n: n.name)!r})")
 
 
 def _show(kwargs: dict) -> str:

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from ..actions.fuse import copy_module, sources_with
-from ..engine import RewriteContext
-from ..errors import RewriteError
+from torch import fx
+
+from ..context import RewriteContext
+from ..modules import copy_module, sources_with
 from ..pattern import Match, input_nodes
 from ..registry import Param, register_action
 from ..shapes import shape_of
@@ -40,33 +41,31 @@ from ..shapes import shape_of
 _ANCHOR_CACHE = ("shape", "anchors", "strides")
 
 
-def measured_strides(ctx: RewriteContext, head) -> list[float]:
+def measured_strides(ctx: RewriteContext, head: fx.Node) -> list[float]:
     """Image height / feature-map height for each input of the ``head`` node, from propagated shapes."""
-    rule = ctx.rule.name if ctx.rule else "<none>"
     images = [n for n in ctx.graph.nodes if n.op == "placeholder" and _is_4d(shape_of(n))]
     if not images:
-        raise RewriteError(rule, "measure_strides needs propagated shapes: trace with an example image")
+        ctx.refuse("measure_strides needs propagated shapes: trace with an example image")
     height = shape_of(images[0])[2]
     strides = []
     for level in input_nodes(head):
         shape = shape_of(level)
         if not _is_4d(shape) or height % shape[2]:
-            raise RewriteError(rule, f"cannot measure the stride of {head.name}'s input {level.name}: "
-                                     f"image height {height}, feature map {shape}")
+            ctx.refuse(f"cannot measure the stride of {head.name}'s input {level.name}: "
+                       f"image height {height}, feature map {shape}")
         strides.append(float(height // shape[2]))
     return strides
 
 
 @register_action("measure_strides", params={
-    "node": Param((str,), doc="capture of the head (default: the pattern's root)"),
+    "node": Param((str,), default="$root", doc="capture of the head (default: the pattern's root)"),
 }, doc="Set a detection head's per-level stride to image size / feature-map size, from propagated shapes.")
-def measure_strides(ctx: RewriteContext, match: Match, node: str = "$root") -> None:
-    target = ctx.resolve(node, match)
-    head = ctx.module(target)
-    strides = measured_strides(ctx, target)
+def measure_strides(ctx: RewriteContext, match: Match, *, node: fx.Node) -> None:
+    head = ctx.module(node)
+    strides = measured_strides(ctx, node)
     old = getattr(head, "stride", None)
     if len(strides) != getattr(head, "nl", len(strides)):
-        raise RewriteError(ctx.rule.name, f"{target.name} has {head.nl} levels but {len(strides)} inputs")
+        ctx.refuse(f"{node.name} has {head.nl} levels but {len(strides)} inputs")
     reference = old if isinstance(old, torch.Tensor) and not old.is_meta else torch.zeros(0)
     stride = torch.tensor(strides, dtype=reference.dtype if reference.is_floating_point() else torch.float32,
                           device=reference.device)
@@ -76,7 +75,7 @@ def measure_strides(ctx: RewriteContext, match: Match, node: str = "$root") -> N
     for attr in _ANCHOR_CACHE:
         new.__dict__.pop(attr, None)  # back to the class defaults: rebuilt with the new strides
     new.stride = stride
-    ctx.install_module(target, new, sources_with(new, {}))
+    ctx.set_module(node, new, sources_with(new, {}))
 
 
 def _is_4d(shape) -> bool:

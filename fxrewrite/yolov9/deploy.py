@@ -51,29 +51,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from .. import trace as fx_trace
-from ..actions.fuse import (
-    BIAS_SOURCES,
-    WEIGHT_SOURCES,
-    check_foldable,
-    conv_like,
-    copy_module,
-    fold_batchnorm,
-    log_unused,
-    set_forward,
-    sources_with,
-)
-from ..engine import REPLACED, Origin, RewriteContext, RewriteResult, rewrite
-from ..errors import FxRewriteError, RewriteError
+from ..context import REPLACED, Origin, RewriteContext
+from ..engine import rewrite
+from ..errors import FxRewriteError
+from ..modules import (BIAS_SOURCES, WEIGHT_SOURCES, check_foldable, conv_like, copy_module, fold_batchnorm,
+                       set_forward, sources_with)
+from ..naming import class_matches
 from ..pattern import Match
 from ..registry import Param, register_action
+from ..result import RewriteResult
 from ..rule_file import load_rules
 from ..rules import RuleSet
 from ..shapes import propagate_shapes
 from ..tensors import named_tensors
-from ..tracing import TRACE_META
+from ..tracing import TRACE_META, trace as fx_trace
 from ..verify import VerifyReport, verify
 from .blocks import Conv, RepConvN
 from .convert import _example_size, _fixed_flags, _input_channels, _restore, _set_eval
@@ -178,17 +171,10 @@ def fuse(model: nn.Module, rules: RuleSet | None = None, *, example: torch.Tenso
 
 def _unreached(model: nn.Module, gm, leaves: list[str]) -> list[str]:
     """Blocks of a class the rules name that are not a node of the trace (nor inside one that is)."""
-    import fnmatch
-
-    def named(module: nn.Module) -> bool:
-        cls = type(module)
-        return any(fnmatch.fnmatchcase(cls.__name__, p) or fnmatch.fnmatchcase(f"{cls.__module__}.{cls.__qualname__}", p)
-                   for p in leaves)
-
     nodes = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    covered = [t for t in nodes if named(model.get_submodule(t))]
+    covered = [t for t in nodes if class_matches(model.get_submodule(t), leaves)]
     return [name for name, m in model.named_modules()
-            if named(m) and name not in nodes and not any(name.startswith(t + ".") for t in covered)]
+            if class_matches(m, leaves) and name not in nodes and not any(name.startswith(t + ".") for t in covered)]
 
 
 def unfused_blocks(model: nn.Module) -> list[str]:
@@ -220,15 +206,13 @@ def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
 
 # -- the RepConvN action ------------------------------------------------------------
 @register_action("fuse_repconv", params={
-    "node": Param((str,), doc="capture of the RepConvN (default: the pattern's root)"),
+    "node": Param((str,), default="$root", doc="capture of the RepConvN (default: the pattern's root)"),
     "forward": Param((str,), default="forward_fuse", doc="method that becomes the block's forward"),
 }, doc="Merge a RepConvN's 3x3 and 1x1 Conv+BN branches (and its optional BatchNorm identity branch) "
        "into one biased 3x3 convolution 'conv', as the official fuse_convs.")
-def fuse_repconv(ctx: RewriteContext, match: Match, *, node: str = "$root", forward: str = "forward_fuse") -> None:
-    rule = ctx.rule.name
-    target = ctx.resolve(node, match)
-    old = ctx.module(target)
-    where = f"{target.target} ({type(old).__name__})"
+def fuse_repconv(ctx: RewriteContext, match: Match, *, node: fx.Node, forward: str) -> None:
+    old = ctx.module(node)
+    where = f"{node.target} ({type(old).__name__})"
     try:
         branch3, branch1 = old.conv1, old.conv2
         identity = getattr(old, "bn", None)
@@ -241,22 +225,25 @@ def fuse_repconv(ctx: RewriteContext, match: Match, *, node: str = "$root", forw
             raise ValueError(f"{where}: expected a 3x3 (padding 1) and a 1x1 (padding 0) branch with the same "
                              f"stride and groups")
     except AttributeError as exc:
-        raise RewriteError(rule, f"{where}: not a RepConvN with conv1/conv2 branches ({exc})") from None
+        ctx.refuse(f"{where}: not a RepConvN with conv1/conv2 branches ({exc})")
     except ValueError as exc:
-        raise RewriteError(rule, str(exc)) from None
+        ctx.refuse(str(exc))
     w3, b3 = fold_batchnorm(conv3.weight, conv3.bias, branch3.bn)
     w1, b1 = fold_batchnorm(conv1.weight, conv1.bias, branch1.bn)
     with torch.no_grad():
         weight, bias = w3 + F.pad(w1, [1, 1, 1, 1]), b3 + b1  # the 1x1 tap sits at the 3x3 centre
         if identity is not None:
-            w_id, b_id = fold_batchnorm(_identity_kernel(conv3, where, rule), None, identity)
+            w_id, b_id = fold_batchnorm(_identity_kernel(conv3, where, ctx), None, identity)
             weight, bias = weight + w_id, bias + b_id
     new = copy_module(old)
     for attr in ("conv1", "conv2", "bn", "id_tensor", "nm"):  # what the official fuse_convs deletes
         if attr in new.__dict__ or attr in new._modules or attr in new._buffers:
             delattr(new, attr)
     new.conv = conv_like(conv3, weight, bias)
-    set_forward(new, forward, rule)
+    try:
+        set_forward(new, forward)
+    except ValueError as exc:
+        ctx.refuse(str(exc))
     branches = ["conv1", "conv2"] + (["bn"] if identity is not None else [])
     bn_of = {"conv1": "conv1.bn", "conv2": "conv2.bn", "bn": "bn"}
     weight_from = tuple(name for b in branches for name in
@@ -264,15 +251,13 @@ def fuse_repconv(ctx: RewriteContext, match: Match, *, node: str = "$root", forw
     bias_from = tuple(name for b in branches for name in
                       ((f"{b}.conv.bias",) if b != "bn" and getattr(old, b).conv.bias is not None else ())
                       + tuple(f"{bn_of[b]}.{t}" for t in BIAS_SOURCES))
-    sources = sources_with(new, {"conv.weight": weight_from, "conv.bias": bias_from})
-    log_unused(ctx, target.target, old, sources)
-    ctx.install_module(target, new, sources)
+    ctx.set_module(node, new, sources_with(new, {"conv.weight": weight_from, "conv.bias": bias_from}))
 
 
-def _identity_kernel(conv: nn.Conv2d, where: str, rule: str) -> torch.Tensor:
+def _identity_kernel(conv: nn.Conv2d, where: str, ctx: RewriteContext) -> torch.Tensor:
     """The 3x3 kernel of the identity map (for the optional BatchNorm identity branch)."""
     if conv.in_channels != conv.out_channels or tuple(conv.stride) != (1, 1):
-        raise RewriteError(rule, f"{where}: an identity branch needs equal in/out channels and stride 1")
+        ctx.refuse(f"{where}: an identity branch needs equal in/out channels and stride 1")
     per_group = conv.in_channels // conv.groups
     kernel = torch.zeros(conv.out_channels, per_group, 3, 3, dtype=conv.weight.dtype, device=conv.weight.device)
     channels = torch.arange(conv.out_channels, device=conv.weight.device)

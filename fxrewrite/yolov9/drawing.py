@@ -2,7 +2,9 @@
 
 The boxes come from the model's config (``backbone`` vs ``head`` sections) and
 from the conversion itself: the auxiliary block is exactly what the rules pruned,
-so the picture shows at a glance what PGI adds and the conversion removes.
+so the picture shows at a glance what PGI adds and the conversion removes. In the
+"after" picture every layer is labelled with its number in the converted model and
+the training layer it comes from (``model.22 <- model.38``, :func:`layer_rename`).
 
 >>> import torch
 >>> from fxrewrite.yolov9 import DetectionModel, convert
@@ -11,6 +13,10 @@ so the picture shows at a glance what PGI adds and the conversion removes.
 >>> drawing = draw_conversion(conversion)
 >>> sorted({box for box in drawing.clusters.values() if box})  # input and output stay outside
 [('auxiliary',), ('backbone',), ('head',)]
+>>> layer_rename(conversion), layer_rename(conversion.result)
+({'model.29': 'model.22'}, {'model.29': 'model.22'})
+>>> "<B>model.22</B>" in draw_conversion(conversion, view="after").source  # model.22 <- model.29
+True
 """
 from __future__ import annotations
 
@@ -65,9 +71,23 @@ def layer_clusters(result: RewriteResult, config: dict, *, layers: bool | None =
     return boxes
 
 
+def layer_rename(rewrite: Conversion | RewriteResult) -> dict[str, str]:
+    """Old layer path -> new one (``model.29`` -> ``model.22``) for every layer the conversion renumbers:
+    the ``rename`` of :func:`fxrewrite.draw.draw_rewrite`. From a conversion's ``layer_map``, or from a
+    rewrite alone (the layers its graph still has, numbered in order, as the conversion numbers them)."""
+    if isinstance(rewrite, Conversion):
+        layer_map = rewrite.layer_map
+    else:
+        kept = dict.fromkeys(layer for layer in map(layer_of, rewrite.module.graph.nodes) if layer is not None)
+        layer_map = dict(enumerate(kept))
+    return {f"model.{old}": f"model.{new}" for new, old in layer_map.items() if new != old}
+
+
 def draw_conversion(conversion: Conversion, *, view: str = "overlay", **kwargs) -> Drawing:
-    """Draw a conversion (``view``: overlay, before, after, side_by_side) with YOLO boxes."""
+    """Draw a conversion (``view``: overlay, before, after, side_by_side) with YOLO boxes; in the
+    "after" picture the layers carry their new number and their origin."""
     kwargs.setdefault("clusters", layer_clusters(conversion.result, conversion.source.yaml))
+    kwargs.setdefault("rename", layer_rename(conversion))
     kwargs.setdefault("title", f"{conversion.head} -> {type(conversion.model.model[-1]).__name__}: "
                                f"{len(conversion.source.model)} -> {len(conversion.model.model)} layers")
     return draw_rewrite(conversion.result, view=view, **kwargs)
@@ -81,5 +101,6 @@ def write_conversion_drawings(conversion: Conversion, folder, *, force: bool = F
         for fmt in formats:
             check_output(folder / f"{name}.{fmt}", force=force)
     kwargs.setdefault("clusters", layer_clusters(conversion.result, conversion.source.yaml))
+    kwargs.setdefault("rename", layer_rename(conversion))
     folder.mkdir(parents=True, exist_ok=True)
     return list(write_rewrite_drawings(conversion.result, folder, formats=formats, **kwargs).values())

@@ -13,11 +13,12 @@ when the file is loaded, not when it runs)::
     rules = fxrewrite.load_rules("examples/swish-to-silu")
     result = fxrewrite.rewrite(fxrewrite.trace(model, x), rules)
 
-An action is ``fn(ctx, match, **args)``: ``ctx`` (:class:`fxrewrite.RewriteContext`)
-holds the graph being rewritten and the modules it calls; ``match`` the nodes the
-pattern captured; ``args`` the rule's ``args`` (``$name`` references are passed
-as written: ``ctx.resolve`` turns them into nodes). It edits the graph through the
-context's helpers, which keep node status and tensor provenance right.
+An action is ``fn(ctx, match, **args)``: ``args`` are the rule's ``args`` with every
+``$reference`` resolved (here, the two captured nodes); ``ctx``
+(:class:`fxrewrite.RewriteContext`) holds the graph being rewritten, and the action
+changes it only through the context's verbs (``add_module``, ``insert_call``,
+``replace_uses``, ``erase``, ``refuse``...), which keep node status and tensor
+provenance right.
 
 >>> import torch, fxrewrite
 >>> class Net(torch.nn.Module):
@@ -37,8 +38,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from fxrewrite import Param, RewriteContext, register_action
-from fxrewrite.engine import REMOVED
-from fxrewrite.errors import RewriteError
+from fxrewrite.context import REMOVED
 from fxrewrite.pattern import Match
 
 
@@ -47,28 +47,15 @@ from fxrewrite.pattern import Match
     "sigmoid": Param((str,), required=True, doc="capture of the sigmoid(x) node"),
     "prefix": Param((str,), default="silu", doc="name prefix of the new SiLU modules"),
 }, doc="Replace x * sigmoid(x) by one call of a new nn.SiLU module.")
-def swish_to_silu(ctx: RewriteContext, match: Match, *, mul: str, sigmoid: str, prefix: str = "silu") -> None:
-    mul_node, sigmoid_node = ctx.resolve(mul, match), ctx.resolve(sigmoid, match)
-    (x,) = sigmoid_node.args
-    if set(sigmoid_node.users) != {mul_node}:  # the rule checks it too (num_users: 1): never trust a pattern alone
-        raise RewriteError(ctx.rule.name, f"{sigmoid_node.name} is used elsewhere too")
-    target = _free_target(ctx, prefix)
-    ctx.modules[target] = nn.SiLU()  # a new module: no tensors, so no provenance to record
-    with ctx.graph.inserting_before(mul_node):
-        silu = ctx.graph.call_module(target, (x,))
-    ctx.note_new(silu, like=mul_node)  # status "new"; it inherits the multiplication's provenance
-    ctx.replace_uses(mul_node, silu)
-    ctx.erase(mul_node, REMOVED)
-    ctx.erase(sigmoid_node, REMOVED)
-
-
-def _free_target(ctx: RewriteContext, prefix: str) -> str:
-    """The first ``prefix_N`` that is neither a module nor a node name of the graph."""
-    names = {n.name for n in ctx.graph.nodes}
-    k = 0
-    while f"{prefix}_{k}" in ctx.modules or f"{prefix}_{k}" in names:
-        k += 1
-    return f"{prefix}_{k}"
+def swish_to_silu(ctx: RewriteContext, match: Match, *, mul: fx.Node, sigmoid: fx.Node, prefix: str) -> None:
+    (x,) = sigmoid.args
+    if set(sigmoid.users) != {mul}:  # the rule checks it too (num_users: 1): never trust a pattern alone
+        ctx.refuse(f"{sigmoid.name} is used elsewhere too")
+    silu = ctx.add_module(nn.SiLU(), prefix)  # a new module without tensors: no provenance to record
+    call = ctx.insert_call(silu, (x,), before=mul, like=mul)  # status "new", the multiplication's provenance
+    ctx.replace_uses(mul, call)
+    ctx.erase(mul, REMOVED)
+    ctx.erase(sigmoid, REMOVED)
 
 
 __all__ = ["swish_to_silu"]

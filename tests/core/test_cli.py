@@ -46,7 +46,7 @@ def test_rules_with_several_errors_prints_one_line_each(tmp_path, capsys):
     assert lines == [
         f"fxrewrite: error: {path}:4: rule 'a': argument 'outputs' of action 'prune_unreachable' must be a list, "
         f"not an integer (0)",
-        f"{path}:7: rule 'b': unknown key 'colour'; expected action, args, checks, description, mode, name, pattern",
+        f"{path}:7: rule 'b': unknown key 'colour'; expected action, args, checks, description, mode, name, pattern, table",
     ]
 
 

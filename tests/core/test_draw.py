@@ -657,3 +657,37 @@ def test_svg_of_folded_chains(demo):
     text = _text(nodes["stem_conv"])
     assert "stem_conv" in text and "stem_bn" in text and "stem_act" in text and "BatchNorm2d" in text
     assert _fill(nodes["aux_0_conv"]) == STATUS_STYLES[PRUNED].fill
+
+
+# -- renamed modules in the "after" picture; the order of the pictures side by side ---------------
+def test_rename_labels_the_after_picture_with_new_and_old_names(demo):
+    rename = {"main.2": "main.1"}  # what a rebind renumbering the main branch would do
+    after = draw_rewrite(demo, view="after", rename=rename).source
+    assert "<B>main.1.conv</B> <FONT COLOR=\"#5F5F5F\">" in after and "main.2.conv</FONT>" in after
+    assert after.count("<B>main.1.") == 3  # main.2's conv, bn and act: each labelled with both names
+    assert "<B>main_0_conv</B>" in after  # not renamed: its node name, as without rename
+    for view in ("before", "overlay"):
+        assert "<B>main.1.conv</B>" not in draw_rewrite(demo, view=view, rename=rename).source
+    both = draw_rewrite(demo, view="side_by_side", rename=rename).source
+    assert both.count("<B>main.1.conv</B>") == 1  # the after half only
+    assert draw_rewrite(demo, view="after", rename=lambda path: path.replace("stem", "input_stem")).source.count(
+        "<B>input_stem.") == 3
+
+
+def test_rename_applies_to_the_boxes_of_the_after_picture(demo):
+    clusters = {name: ("layer", "main.2") for name in ("main_2_conv", "main_2_bn", "main_2_act")}
+    label = draw_rewrite(demo, view="after", clusters=clusters, rename={"main.2": "main.1"}).source
+    assert "<B>main.1</B> <FONT COLOR=\"#5F5F5F\">\u2190 main.2</FONT>" in label.replace(
+        '<FONT FACE="DejaVu Sans">\u2190</FONT>', "\u2190")
+
+
+@needs_dot
+def test_side_by_side_puts_before_left_of_after_with_caller_boxes(demo):
+    """With boxes given by the caller (as the YOLOv9 drawings do), dot left alone put "after" first."""
+    sections = {name: ("pruned" if status == PRUNED else "kept") for name, status in demo.node_status.items()}
+    drawing = draw_rewrite(demo, view="side_by_side", clusters=sections)
+    root = _svg(drawing)
+    views = {g.get("class"): _bbox(_shape_element(g)) for g in root.iter(SVG + "g")
+             if "fx-view" in (g.get("class") or "")}
+    before, after = views["cluster fx-view view-before"], views["cluster fx-view view-after"]
+    assert before[2] < after[0]

@@ -19,89 +19,18 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxrewrite
+from fxrewrite.examples import DEMO_RULES, StepModel
 from fxrewrite.tensors import named_tensors
 
-RULES = fxrewrite.load_rules("""\
-rules:
-  - name: keep-main
-    action: prune_unreachable
-    args: {outputs: [0]}
-  - name: drop-identity
-    pattern: {module_class: Identity, capture: x}
-    checks: [{passthrough: $x}]
-    action: collapse
-    mode: fixed_point
-""", name="<property rules>")
-
-
-class RandomDag(nn.Module):
-    """Layer ``i`` computes value ``i + 1`` from earlier values (value 0 is the input).
-
-    ``steps``: ``(kind, inputs, width)`` with kind in linear / relu / identity / add / cat;
-    ``aux``: ``(source value, [(kind, width), ...])`` a chain hanging off one value.
-    ``forward`` returns ``(last value, auxiliary chain's end)``.
-    """
-
-    def __init__(self, in_width: int, steps: list, aux: tuple, seed: int):
-        super().__init__()
-        self.steps = steps
-        self.aux_source, aux_chain = aux
-        widths = [in_width]
-        self.layers = nn.ModuleDict()
-        for i, (kind, inputs, width) in enumerate(steps):
-            if kind == "linear":
-                self.layers[str(i)] = nn.Linear(widths[inputs[0]], width)
-            elif kind == "relu":
-                self.layers[str(i)] = nn.ReLU()
-            elif kind == "identity":
-                self.layers[str(i)] = nn.Identity()
-            widths.append(width)
-        self.aux = nn.Sequential()
-        width = widths[self.aux_source]
-        for kind, out in aux_chain:
-            self.aux.append(nn.Linear(width, out) if kind == "linear" else nn.Identity())
-            width = out if kind == "linear" else width
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-
-    def forward(self, x):
-        values = [x]
-        for i, (kind, inputs, _) in enumerate(self.steps):
-            if kind == "add":
-                values.append(values[inputs[0]] + values[inputs[1]])
-            elif kind == "cat":
-                values.append(torch.cat([values[j] for j in inputs], 1))
-            else:
-                values.append(self.layers[str(i)](values[inputs[0]]))
-        return values[-1], self.aux(values[self.aux_source])
+RULES = fxrewrite.load_rules(DEMO_RULES, name="<demo rules>")  # keep output 0; collapse identities
 
 
 @st.composite
 def random_dags(draw):
-    in_width = draw(st.integers(1, 4))
-    widths = [in_width]
-    steps = []
-    for _ in range(draw(st.integers(1, 9))):
-        kind = draw(st.sampled_from(["linear", "linear", "relu", "identity", "identity", "add", "cat"]))
-        first = draw(st.integers(0, len(widths) - 1))
-        if kind == "add":
-            same = [j for j, w in enumerate(widths) if w == widths[first]]
-            inputs = (first, draw(st.sampled_from(same)))
-            width = widths[first]
-        elif kind == "cat":
-            inputs = (first, draw(st.integers(0, len(widths) - 1)))
-            width = widths[inputs[0]] + widths[inputs[1]]
-        else:
-            inputs = (first,)
-            width = draw(st.integers(1, 5)) if kind == "linear" else widths[first]
-        steps.append((kind, inputs, width))
-        widths.append(width)
-    aux_chain = draw(st.lists(st.tuples(st.sampled_from(["linear", "identity"]), st.integers(1, 4)),
-                              min_size=1, max_size=3))
-    aux = (draw(st.integers(0, len(widths) - 1)), aux_chain)
-    return RandomDag(in_width, steps, aux, draw(st.integers(0, 2**16))), in_width
+    """``(model, input width)``: linear, relu, identity, add and cat steps (fxrewrite.examples.StepModel)."""
+    model = StepModel.random(lambda lo, hi: draw(st.integers(lo, hi)), lambda options: draw(st.sampled_from(options)),
+                             ["linear", "linear", "relu", "identity", "identity", "add", "cat"], max_steps=9)
+    return model, model.in_width
 
 
 def needed_modules(gm: fx.GraphModule) -> set[str]:
@@ -167,7 +96,7 @@ def test_the_generator_covers_the_interesting_cases():
     """A fixed example with every kind: the strategy's model class itself works as intended."""
     steps = [("linear", (0,), 3), ("identity", (1,), 3), ("add", (2, 1), 3), ("cat", (3, 0), 5),
              ("identity", (4,), 5), ("relu", (5,), 5), ("linear", (2,), 2), ("identity", (6,), 5)]
-    model = RandomDag(2, steps, (3, [("linear", 2), ("identity", 2)]), 0).eval()  # layers.6 is dead
+    model = StepModel(2, steps, (3, [("linear", 2), ("identity", 2)]), 0).eval()  # layers.6 is dead
     x = torch.randn(2, 2)
     gm = fxrewrite.trace(model, x)
     result = fxrewrite.rewrite(gm, RULES)

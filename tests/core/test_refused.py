@@ -199,7 +199,7 @@ def test_strict_replace_without_a_source_is_refused(chain):
     refused(gm, [Rule("swap", "replace", Pattern(module_name="c1"),
                       args={"with": "nn.Conv2d", "init": {"in_channels": 3, "out_channels": 8, "kernel_size": 1},
                             "params": {"w": "weight"}})],
-            "rule 'swap': Conv2d.weight has no source: Conv2d has no tensor w (map it with params:, or set "
+            "rule 'swap': Conv2d.weight has no source: Conv2d has no tensor w (map it with rename:, or set "
             "strict: false)")
     snapshot.assert_unchanged()
 

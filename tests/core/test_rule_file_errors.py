@@ -11,7 +11,7 @@ from fxrewrite import Check, Pattern, Rule, RuleFileError, RuleSet, registry
 from toy_models import TwoBranch, example, seeded
 
 PATTERN_KEYS = "attrs, capture, function, inputs, method, module_class, module_name, num_inputs, num_users, op"
-RULE_KEYS = "action, args, checks, description, mode, name, pattern"
+RULE_KEYS = "action, args, checks, description, mode, name, pattern, table"
 
 
 def known_actions() -> str:
@@ -236,7 +236,7 @@ def test_unknown_module_class_in_replace(tmp_path):
     with pytest.raises(RuleFileError) as info:
         fxrewrite.load_rules(path)
     registered = ", ".join(registry.module_class_names()) or "none"
-    assert str(info.value) == (f"{path}:5: rule 'a': unknown module class 'FancyConv' in replace; register it "
+    assert str(info.value) == (f"{path}:6: rule 'a': unknown module class 'FancyConv' in replace; register it "
                                f"with fxrewrite.register_module_class (registered: {registered})")
 
 

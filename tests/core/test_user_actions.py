@@ -1,4 +1,10 @@
-"""User actions registered from Python with ``register_action`` and used from YAML, end to end."""
+"""User actions registered from Python with ``register_action`` and used from YAML, end to end.
+
+These actions are written the way actions were before RewriteContext had its verbs (they call
+``ctx.resolve`` on arguments the engine has already resolved, create nodes with ``ctx.graph`` and
+``ctx.note_new``, append to ``ctx.log``): that code keeps working. New actions use the verbs
+(tests/core/test_context.py, docs/rules.md).
+"""
 from __future__ import annotations
 
 import operator
