@@ -5,6 +5,8 @@ them into a one-line message and a non-zero exit code instead of a traceback.
 """
 from __future__ import annotations
 
+import os
+
 
 class FxRewriteError(Exception):
     """Base class of every error fxrewrite reports to a user."""
@@ -71,3 +73,19 @@ class GraphvizMissing(DrawError):
     def __init__(self, message: str, dot_path=None):
         self.dot_path = dot_path
         super().__init__(message)
+
+
+class OutputError(FxRewriteError, ValueError):
+    """An output path is unusable (exists, is an input, is not a regular file, folder missing ...); nothing was written."""
+
+
+class OutputWriteError(FxRewriteError, OSError):
+    """Writing an output failed (disk full, I/O error ...); the message names it and says what was left (nothing)."""
+
+    def __init__(self, message: str, cause: OSError, path: "str | os.PathLike[str]"):
+        super().__init__(cause.errno, message)
+        self.message = message
+        self.filename = os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.message

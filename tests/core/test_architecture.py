@@ -95,6 +95,7 @@ def test_the_core_has_no_import_cycle():
 STEPS = ["shared", "trace", "match", "act", "validate", "rebind", "verify", "draw", "cli", "root"]
 STEP_OF = {
     "naming": "shared", "tensors": "shared", "errors": "shared", "io": "shared", "safe_yaml": "shared",
+    "serialization": "shared", "output_files": "shared",
     "examples": "shared",
     "tracing": "trace", "provenance": "trace", "shapes": "trace",
     "pattern": "match", "rule_file": "match", "rule_tables": "match", "yaml_lines": "match", "rules": "match",
