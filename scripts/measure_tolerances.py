@@ -21,18 +21,6 @@ import warnings
 import torch
 
 
-def randomise_batchnorms(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                shape = m.running_mean.shape
-                m.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(shape, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
-
-
 def flat(outputs) -> torch.Tensor:
     from torch.utils._pytree import tree_flatten
 
@@ -54,13 +42,14 @@ def report(case: str, expected, actual, stated) -> dict:
 
 def measure(name: str, dtype: torch.dtype, size: int) -> list[dict]:
     from fxrewrite.yolov9 import DetectionModel, convert
+    from fxrewrite.yolov9.cli import randomise_batchnorm
     from fxrewrite.yolov9.deploy import fuse
     from fxrewrite.yolov9.export import onnx_bytes, pt2_bytes, reference_outputs, run_onnx, run_pt2
     from fxrewrite.yolov9.tolerances import export_tolerance, fusion_tolerance
 
     torch.manual_seed(0)
     training = DetectionModel(f"yolov9-{name}")
-    randomise_batchnorms(training, 1)
+    randomise_batchnorm(training, 1, affine=True)  # what `--config` models get
     converted = convert(training.eval()).model.eval()
     fused = fuse(converted).model.eval()
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dtype)

@@ -348,7 +348,7 @@ def _load(args) -> tuple[torch.nn.Module, str]:
             model = cls(cfg, nc=args.nc)
         except ConfigError as exc:  # built from a dict: name the file the dict came from
             raise ConfigError(exc.problem, source=exc.source or str(args.config), layer=exc.layer) from None
-        randomise_batchnorm(model, args.seed)
+        randomise_batchnorm(model, args.seed, affine=True)
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
 
@@ -357,9 +357,10 @@ def _load(args) -> tuple[torch.nn.Module, str]:
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 
 
-def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
-    """Give every BatchNorm non-trivial weights, biases and running statistics, as training leaves them,
-    so that verification means something (a fold that dropped any of them changes the output)."""
+def randomise_batchnorm(model: torch.nn.Module, seed: int, *, affine: bool = False) -> None:
+    """Give every BatchNorm non-trivial running statistics, and with ``affine`` non-trivial weights and biases
+    too, as training leaves them: so verification means something (a fold that dropped any of them
+    changes the output). ``--config`` models get all four."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -367,9 +368,9 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
                 shape = m.running_mean.shape
                 m.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(shape, generator=gen) + 0.5)
-                if m.weight is not None:
+                if affine and m.weight is not None:
                     m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
-                if m.bias is not None:
+                if affine and m.bias is not None:
                     m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
 
 

@@ -37,13 +37,18 @@ __all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "o
            "export_mode", "run_onnx", "run_pt2", "verify_export", "DEFAULT_OPSET", "SINGLE_HEADS"]
 
 DEFAULT_OPSET = 17
-#: Opsets ``--opset`` accepts: what torch's TorchScript-based exporter writes and a YOLOv9 model exports to
-#: (opset 10 and below have no Resize with scales the upsampling layers need; 21+ is dynamo-exporter only).
+#: Opsets ``--opset`` accepts. Below 11, ONNX's Resize does not follow PyTorch's interpolation (torch warns; 7 and
+#: 8 cannot export the upsampling layers at all); above 20 torch's TorchScript-based exporter is unsupported.
 MIN_OPSET, MAX_OPSET = 11, 20
 #: Largest image side (``--imgsz``): a 4096 x 4096 image is already 200 MB in fp32, far beyond YOLO sizes.
 MAX_IMAGE_SIZE = 4096
-#: Largest ``--batch`` (also the upper bound of a dynamic ``.pt2`` program's batch dimension).
-MAX_BATCH = 1024
+#: Largest ``--batch``: the example batch is traced, and run twice more with ``--verify`` (about 20 MB of
+#: activations per 640x640 image for yolov9-c; ``--batch 1025`` at 640 needed more than 21 GB).
+MAX_BATCH = 64
+#: Largest example batch in pixels (``--batch`` x H x W): 64 images of 640x640.
+MAX_EXAMPLE_PIXELS = 64 * 640 * 640
+#: Upper bound of a dynamic ``.pt2`` program's batch dimension (the exported program, not the example).
+MAX_DYNAMIC_BATCH = 1024
 #: Heads of inference models (one branch): exported as they are. Any other head is converted first.
 SINGLE_HEADS = ("Detect", "DDetect", "Segment", "DSegment")
 INSTALL_HINT = "pip install 'fxrewrite[export]'"
@@ -240,7 +245,7 @@ def pt2_bytes(model: nn.Module, *, imgsz: Sequence[int] | int = 640, batch: int 
     shapes = None
     if dynamic:
         dim = torch.export.Dim
-        shapes = {"x": {0: dim("batch", min=1, max=MAX_BATCH),
+        shapes = {"x": {0: dim("batch", min=1, max=MAX_DYNAMIC_BATCH),
                         2: stride * dim("height", min=1, max=MAX_IMAGE_SIZE // stride),
                         3: stride * dim("width", min=1, max=MAX_IMAGE_SIZE // stride)}}
     with export_mode(work, dynamic=dynamic), warnings.catch_warnings():
@@ -358,6 +363,11 @@ def run(args: argparse.Namespace) -> int:
         _need("onnx", "ONNX export")
     if args.verify and args.onnx:
         _need("onnxruntime", "--verify of an ONNX export")
+    h, w = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
+    if args.batch * h * w > MAX_EXAMPLE_PIXELS:
+        raise ExportError(f"--batch {args.batch} --imgsz {' '.join(map(str, args.imgsz))}: {args.batch * h * w:,} "
+                          f"pixels per example batch, at most {MAX_EXAMPLE_PIXELS:,} (64 images of 640x640): "
+                          f"give a smaller batch or image size")
     inputs = input_files(args)
     for path in outputs.values():
         check_output(path, force=args.force, inputs=inputs)  # refuse before doing any work

@@ -6,11 +6,6 @@ import pytest
 from official import INSTALL_HINT, official_available
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "requires_official: compares with the official YOLOv9 code (the yolo9 "
-                                       "wheel); fails, never skips, without it")
-
-
 def pytest_runtest_setup(item):
     """A test marked ``requires_official`` fails without the oracle, saying how to install it."""
     if item.get_closest_marker("requires_official") is not None and not official_available():

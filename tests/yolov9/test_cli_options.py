@@ -58,14 +58,22 @@ def test_seed_and_nc_are_checked_when_the_command_line_is_parsed(capsys, tmp_pat
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--batch", "0", "argument --batch: must be an integer from 1 to 1024, got 0"),
-    ("--batch", "1025", "argument --batch: must be an integer from 1 to 1024, got 1025"),
+    ("--batch", "0", "argument --batch: must be an integer from 1 to 64, got 0"),
+    ("--batch", "1025", "argument --batch: must be an integer from 1 to 64, got 1025"),  # main: killed, out of memory
     ("--opset", "10", "argument --opset: must be an integer from 11 to 20, got 10"),
     ("--opset", "21", "argument --opset: must be an integer from 11 to 20, got 21"),
 ])
 def test_batch_and_opset_are_checked_when_the_command_line_is_parsed(capsys, tmp_path, option, value, message):
     assert usage_error(capsys, "export", "--config", "gelan-t", "--onnx", tmp_path / "x.onnx", option, value) == \
         f"fxrewrite export: error: {message}"
+
+
+def test_the_example_batch_is_bounded_in_pixels(capsys, tmp_path):
+    code, out, err = run(capsys, "export", "--config", "gelan-t", "--onnx", tmp_path / "x.onnx", "--batch", "2",
+                         "--imgsz", "4096")
+    assert (code, out) == (1, "") and files(tmp_path) == []
+    assert err == ("fxrewrite: error: --batch 2 --imgsz 4096: 33,554,432 pixels per example batch, at most "
+                   "26,214,400 (64 images of 640x640): give a smaller batch or image size\n")
 
 
 def test_the_largest_seed_works(capsys, tiny_yaml):
@@ -103,7 +111,7 @@ def test_convert_seed_and_nc_decide_the_random_weights(capsys, tmp_path, tiny_ya
     # exactly the model --config builds with that seed: the same builder, seeded, BatchNorms randomised
     torch.manual_seed(1)
     expected = DetectionModel(str(tiny_yaml))
-    randomise_batchnorm(expected, 1)
+    randomise_batchnorm(expected, 1, affine=True)
     reference = convert(expected.eval()).model.state_dict()
     assert all(torch.equal(t, reference[k]) for k, t in one.state_dict().items())
     two, _ = converted("two", "--seed", "2")
@@ -251,7 +259,7 @@ def test_export_pt2(capsys, tmp_path):
     program = torch.export.load(out)
     torch.manual_seed(3)
     model = DetectionModel("gelan-t")
-    randomise_batchnorm(model, 3)
+    randomise_batchnorm(model, 3, affine=True)
     x = torch.rand(1, 3, 64, 64)
     from fxrewrite.yolov9.export import export_mode
 
