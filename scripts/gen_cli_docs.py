@@ -151,7 +151,17 @@ def generate() -> str:
     lines += ["", "`fxrewrite -h` / `fxrewrite COMMAND -h` print the same help in the terminal.", ""]
     for name, sub in commands.choices.items():
         lines += _command(name, sub, summaries.get(name))
+    lines += _verification_section()
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _verification_section() -> list[str]:
+    """The YOLOv9 plug-in's ``--verify`` tolerances and the measurements behind them, from the code itself."""
+    try:
+        from fxrewrite.yolov9.tolerances import markdown
+    except ImportError:  # the plug-in is not installed: no command has --verify
+        return []
+    return markdown().splitlines() + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Writes ``OUT.pt`` (official layout, loads in the official detect.py/val.py/expor
 ``OUT.yaml`` (the derived config) and ``OUT.params.json`` (new tensor name -> original
 name; with ``--fuse``, a fused tensor maps to the list of tensors it was computed from),
 and with ``--safetensors`` also ``OUT.safetensors``. Nothing is written on
-``--dry-run`` or on any error; an input is never overwritten.
+``--dry-run``, on any error, or when ``--verify`` fails (unless ``--keep-on-mismatch``);
+no output is ever one of the inputs.
 """
 from __future__ import annotations
 
@@ -16,12 +17,119 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..io import atomic_writes, check_output
+from ..errors import FxRewriteError
+from ..io import OutputError, atomic_writes, check_output
+from ..verify import VerifyReport
 from .convert import Conversion, ConversionError, convert
+from .export import MAX_IMAGE_SIZE
 
 DEFAULT_VERIFY_SIZE = 640
+#: --seed is a torch generator seed: an unsigned 64-bit integer.
+MAX_SEED = 2**64 - 1
+#: --nc: at most one class per output channel the config builder allows (model.MAX_CHANNELS).
+MAX_CLASSES = 65_536
 
 
+class OptionError(FxRewriteError, ValueError):
+    """A command-line option's value does not fit the model (``--imgsz`` not a multiple of its stride)."""
+
+
+class VerificationFailed(FxRewriteError, ValueError):
+    """``--verify`` found outputs outside the tolerance (or NaN/Inf); the command exits non-zero."""
+
+
+# -- options shared by the commands -------------------------------------------------------
+def bounded_int(low: int, high: int):
+    """An argparse ``type``: an integer from ``low`` to ``high``; argparse names the option in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse's fallback message says "invalid int value"
+    return parse
+
+
+class _ImageSize(argparse.Action):
+    """``--imgsz N`` or ``--imgsz H W``: one or two sides, each checked by the type."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) not in (1, 2):
+            parser.error(f"argument --imgsz: takes N or H W (1 or 2 numbers), got {len(values)}")
+        setattr(namespace, self.dest, list(values))
+
+
+def add_image_size(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--imgsz", type=bounded_int(1, MAX_IMAGE_SIZE), nargs="+", action=_ImageSize,
+                        default=[DEFAULT_VERIFY_SIZE], metavar="N",
+                        help=f"{help}: N or H W, each a multiple of the model's largest stride, at most "
+                             f"{MAX_IMAGE_SIZE} (default {DEFAULT_VERIFY_SIZE})")
+
+
+def add_random_weight_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
+                        help="seed of the random weights with --config, 0 to 2**64-1 (default 0)")
+    parser.add_argument("--nc", type=bounded_int(1, MAX_CLASSES),
+                        help=f"class count with --config, 1 to {MAX_CLASSES:,} (default: the config's)")
+
+
+def add_keep_on_mismatch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-on-mismatch", action="store_true",
+                        help="write the outputs even when --verify fails (the command still exits 1)")
+
+
+def image_size(model: torch.nn.Module, imgsz: list[int]) -> tuple[int, int]:
+    """``--imgsz`` as (H, W), checked against the model's largest stride before any work is done."""
+    h, w = (imgsz[0], imgsz[0]) if len(imgsz) == 1 else (imgsz[0], imgsz[1])
+    stride = int(torch.as_tensor(getattr(model, "stride", 32)).max().item())
+    if h % stride or w % stride:
+        fitting = [max(stride, round(side / stride) * stride) for side in imgsz]
+        raise OptionError(f"--imgsz {' '.join(map(str, imgsz))}: each side must be a multiple of the model's largest "
+                          f"stride ({stride}), e.g. --imgsz {' '.join(map(str, fitting))}")
+    return h, w
+
+
+def input_files(args: argparse.Namespace) -> list[Path]:
+    """Every file a command reads: the one list the output checks compare every output with
+    (an output may never be one of them, ``--force`` or not). A new input option adds its files here."""
+    from ..rule_file import shipped_rules_dir
+    from .config import resolve_config_path
+
+    files = []
+    if getattr(args, "input", None):
+        files.append(Path(args.input))
+    if getattr(args, "config", None):
+        files.append(resolve_config_path(args.config))  # a shipped name is read from the package
+    for name in getattr(args, "rules", None) or ():
+        path = Path(name)
+        shipped = shipped_rules_dir() / f"{name}.yaml"
+        files.append(path if path.exists() or not shipped.is_file() else shipped)
+    return files
+
+
+def check_verification(reports: list[tuple[str, VerifyReport]], *, written: bool) -> None:
+    """Raise :class:`VerificationFailed` naming every comparison that failed."""
+    failed = [f"{what}: {report.summary()}" for what, report in reports if not report.passed]
+    if failed:
+        outcome = ("the outputs were written anyway (--keep-on-mismatch)" if written else
+                   "nothing written (--keep-on-mismatch writes the outputs anyway)")
+        raise VerificationFailed(f"--verify failed: {'; '.join(failed)}; {outcome}")
+
+
+def verification_image(model: torch.nn.Module, size: tuple[int, int], batch: int = 1, *, seed: int = 0,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The seeded random image batch ``--verify`` runs, in the model's input channels and weight dtype."""
+    from .export import example_image
+
+    dtype = dtype or next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    return example_image(model, list(size), batch, seed=seed, dtype=dtype)
+
+
+# -- the commands ------------------------------------------------------------------------
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a YOLOv9 training checkpoint (auxiliary branch) into its GELAN inference model",
@@ -35,10 +143,12 @@ def register(subparsers) -> None:
     p.add_argument("--rules", nargs="+", metavar="FILE",
                    help="rule files to apply instead of the shipped yolov9 rules (shipped names work: yolov9)")
     p.add_argument("--verify", action="store_true",
-                   help="compare the converted model with the training model's main output on random input, "
-                        "and check that the derived config builds exactly the converted model's tensors")
-    p.add_argument("--imgsz", type=int, nargs="+", default=[DEFAULT_VERIFY_SIZE], metavar="N",
-                   help="verification image size: N or H W (default 640)")
+                   help="before writing, compare the converted model with the training model's main output on a "
+                        "random image (must be bitwise equal; with --fuse the fused model must be within the fp32 "
+                        "fusion tolerance of docs/cli.md) and check that the derived config builds exactly the "
+                        "converted model's tensors; on FAIL nothing is written and the exit status is 1")
+    add_keep_on_mismatch(p)
+    add_image_size(p, "verification image size")
     p.add_argument("--dry-run", action="store_true", help="print the layer map and write nothing")
     p.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as the official code)")
     p.add_argument("--safetensors", action="store_true", help="also write OUT.safetensors")
@@ -47,8 +157,7 @@ def register(subparsers) -> None:
                         "into its convolution and merge RepConvN branches")
     p.add_argument("--draw", metavar="DIR", help="write before.svg, after.svg and diff.svg to DIR")
     p.add_argument("--force", action="store_true", help="replace existing output files")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config (default 0)")
-    p.add_argument("--nc", type=int, help="class count with --config (default: the config's)")
+    add_random_weight_options(p)
     p.set_defaults(func=run)
 
     d = subparsers.add_parser(
@@ -85,19 +194,20 @@ def _rule_set(files):
 def run_draw(args: argparse.Namespace) -> int:
     from ..draw import draw_rewrite
     from .convert import trace_and_rewrite
-    from .drawing import layer_clusters
+    from .drawing import layer_clusters, layer_rename
 
     out = Path(args.output)
-    inputs = [args.input] if args.input else []
+    inputs = input_files(args)
     check_output(out, force=args.force, inputs=inputs)
     if out.suffix.lower() not in (".dot", ".gv"):  # without Graphviz the DOT source goes to OUT.dot instead
         check_output(out.with_suffix(".dot"), force=True, inputs=inputs)
+    rules = _rule_set(args.rules)
     model, origin = _load(args)
-    result = trace_and_rewrite(model, _rule_set(args.rules), ops=args.ops)
+    result = trace_and_rewrite(model, rules, ops=args.ops)
     drawing = draw_rewrite(result, view=args.view, clusters=layer_clusters(result, model.yaml),
                            title=f"{Path(args.input).name if args.input else args.config}: {args.view.replace('_', ' ')}"
                                  f"{' (operations)' if args.ops else ''}",
-                           param_table="module" if args.param_table else False)
+                           param_table="module" if args.param_table else False, rename=layer_rename(result))
     drawing.save(out)
     print(f"source: {origin}")
     print(result.summary())
@@ -108,55 +218,86 @@ def run_draw(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.output:
         raise ValueError("convert: -o/--output is required (or use --dry-run)")
+    inputs = input_files(args)
     outputs = _outputs(args)
-    inputs = [args.input] if args.input else []
-    if args.draw and not args.dry_run:
-        Path(args.draw).mkdir(parents=True, exist_ok=True)
-        outputs.update({f"draw-{name}": Path(args.draw) / f"{name}.svg" for name in ("before", "after", "diff")})
-    for path in outputs.values():
-        check_output(path, force=args.force, inputs=inputs)  # refuse before doing any work
+    _check_outputs(outputs, args, inputs)  # refuse before doing any work; nothing is created yet
     started = time.perf_counter()
+    rules = _rule_set(args.rules)
     model, origin = _load(args)
+    size = image_size(model, args.imgsz)  # before the conversion
     try:
-        conversion = convert(model, _rule_set(args.rules))
+        conversion = convert(model, rules)
     except ConversionError as exc:
         if "nothing to convert" in str(exc):
             print(f"{args.input or args.config}: {exc}; nothing written")
             return 0
         raise ConversionError(f"{args.input or args.config}: {exc}") from exc
     _print_summary(conversion, origin)
+    reports: list[tuple[str, VerifyReport]] = []
     if args.verify:
-        size = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
-        x = torch.rand(1, int(conversion.config.get("ch", 3)), *size, generator=torch.Generator().manual_seed(0))
-        report = conversion.verify(x.to(next(model.parameters()).dtype))
-        print(f"verify: {size[0]}x{size[1]} random image, converted vs training main output: {report}")
-        if not report.equal and report.max_abs_diff > 0:
-            print("verify: WARNING: outputs differ")
+        x = verification_image(model, size)
+        report = conversion.verify(x)
+        print(f"verify: {size[0]}x{size[1]} random image, converted vs training main output: {report.summary()}")
+        reports.append(("converted vs training main output", report))
         conversion.check_config()
         print(f"verify: the derived config builds exactly the converted model's "
               f"{len(conversion.model.state_dict()):,} tensors (names and shapes)")
     if args.fuse:
-        conversion = _fused(conversion, args)
+        conversion, fused_report = _fused(conversion, args, size)
+        if fused_report is not None:
+            reports.append(("fused vs converted", fused_report))
     if args.dry_run:
+        check_verification(reports, written=False)
         print("dry run: nothing written")
         return 0
+    if not args.keep_on_mismatch:
+        check_verification(reports, written=False)
+    written = _write_all(conversion, outputs, args, inputs)
+    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s")
+    check_verification(reports, written=True)
+    return 0
+
+
+def _check_outputs(outputs: dict[str, Path], args, inputs: list[Path]) -> None:
+    """Every output checked against every input and for existence, creating nothing: a ``--draw``
+    folder that does not exist yet is only made once the outputs are about to be written."""
+    if args.draw and not args.dry_run:
+        folder = Path(args.draw)
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"--draw {folder}: exists and is not a folder")
+    for key, path in outputs.items():
+        if key.startswith("draw-") and not path.parent.is_dir():
+            continue  # a new folder: nothing in it can exist, nor be an input
+        check_output(path, force=args.force, inputs=inputs)
+
+
+def _write_all(c: Conversion, outputs: dict[str, Path], args, inputs: list[Path]) -> list[Path]:
+    """The drawings (first: the likelier to fail, Graphviz), then the checkpoint files as one transaction;
+    when the checkpoint cannot be written, the drawings and any folder made for them are removed."""
     drawn: list[Path] = []
-    if args.draw:  # drawings first: they are the likelier to fail (Graphviz), and fail before the checkpoint
-        existed = {p for key, p in outputs.items() if key.startswith("draw-") and p.exists()}
-        drawn = _draw(conversion, Path(args.draw), args.force)
+    made: list[Path] = []
+    existed: set[Path] = set()
     try:
-        written = _write(conversion, outputs, args, inputs)
+        if args.draw:
+            folder = Path(args.draw)
+            made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+            folder.mkdir(parents=True, exist_ok=True)
+            existed = {p for key, p in outputs.items() if key.startswith("draw-") and p.exists()}
+            drawn = _draw(c, folder, args.force, inputs)
+        return _write(c, outputs, args, inputs) + drawn
     except BaseException:
         for path in drawn:  # no output at all when the checkpoint could not be written
             if Path(path) not in existed:
                 Path(path).unlink(missing_ok=True)
+        for folder in reversed(made):  # innermost first; only folders this run made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
-    written += drawn
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s")
-    return 0
 
 
-def _fused(c: Conversion, args) -> Conversion:
+def _fused(c: Conversion, args, size: tuple[int, int]) -> tuple[Conversion, VerifyReport | None]:
     """The conversion with its model fused (rules/deploy.yaml); the parameter map then leads from the
     fused tensors to the training model's (a fused weight lists every tensor it was computed from)."""
     import dataclasses
@@ -169,12 +310,13 @@ def _fused(c: Conversion, args) -> Conversion:
     left = unfused_blocks(fusion.model)
     if left:
         print(f"fuse: WARNING: {len(left)} block(s) not reached by the rules: {', '.join(left[:5])}")
+    report = None
     if args.verify:
-        size = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
-        x = torch.rand(1, int(c.config.get("ch", 3)), *size, generator=torch.Generator().manual_seed(0))
-        report = fusion.verify(x.to(next(c.model.parameters()).dtype))
-        print(f"verify: {size[0]}x{size[1]} random image, fused vs converted: {report} (floating-point rounding)")
-    return dataclasses.replace(c, model=fusion.model, param_map=compose_param_maps(fusion.param_map, c.param_map))
+        x = verification_image(c.model, size)
+        report = fusion.verify(x)
+        print(f"verify: {size[0]}x{size[1]} random image, fused vs converted: {report.summary()}")
+    fused = dataclasses.replace(c, model=fusion.model, param_map=compose_param_maps(fusion.param_map, c.param_map))
+    return fused, report
 
 
 def _outputs(args) -> dict[str, Path]:
@@ -185,6 +327,8 @@ def _outputs(args) -> dict[str, Path]:
     found = {"pt": out, "yaml": stem.with_suffix(".yaml"), "params": Path(f"{stem}.params.json")}
     if args.safetensors:
         found["safetensors"] = stem.with_suffix(".safetensors")
+    if args.draw:
+        found.update({f"draw-{name}": Path(args.draw) / f"{name}.svg" for name in ("before", "after", "diff")})
     return found
 
 
@@ -204,7 +348,7 @@ def _load(args) -> tuple[torch.nn.Module, str]:
             model = cls(cfg, nc=args.nc)
         except ConfigError as exc:  # built from a dict: name the file the dict came from
             raise ConfigError(exc.problem, source=exc.source or str(args.config), layer=exc.layer) from None
-        randomise_batchnorm(model, args.seed)
+        randomise_batchnorm(model, args.seed, affine=True)
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
 
@@ -213,14 +357,21 @@ def _load(args) -> tuple[torch.nn.Module, str]:
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 
 
-def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
-    """Give every BatchNorm non-trivial running statistics (so verification means something)."""
+def randomise_batchnorm(model: torch.nn.Module, seed: int, *, affine: bool = False) -> None:
+    """Give every BatchNorm non-trivial running statistics, and with ``affine`` non-trivial weights and biases
+    too, as training leaves them: so verification means something (a fold that dropped any of them
+    changes the output). ``--config`` models get all four."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                shape = m.running_mean.shape
+                m.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(shape, generator=gen) + 0.5)
+                if affine and m.weight is not None:
+                    m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
+                if affine and m.bias is not None:
+                    m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
 
 
 def _print_summary(c: Conversion, origin: str) -> None:
@@ -231,6 +382,8 @@ def _print_summary(c: Conversion, origin: str) -> None:
           f"collapsed {_ranges(c.collapsed) or 'none'}")
     moved = {new: old for new, old in c.layer_map.items() if new != old}
     print(f"layer map (new <- old): {_layer_map_text(c.layer_map) if moved else 'unchanged'}")
+    applied = [f"{log.rule} ({log.rewrites})" for log in c.result.log if log.rewrites]
+    print(f"rules applied (rewrites): {', '.join(applied) or 'none'}")
     print(f"parameters: {c.params_before:,} -> {c.params_after:,}")
 
 
@@ -286,7 +439,9 @@ def _write(c: Conversion, outputs: dict[str, Path], args, inputs: list) -> list[
     return [outputs[k] for k in keys]
 
 
-def _draw(c: Conversion, folder: Path, force: bool) -> list[Path]:
+def _draw(c: Conversion, folder: Path, force: bool, inputs: list[Path]) -> list[Path]:
     from .drawing import write_conversion_drawings
 
+    for name in ("before", "after", "diff"):  # the folder may be new: checked again now that it exists
+        check_output(folder / f"{name}.svg", force=force, inputs=inputs)
     return write_conversion_drawings(c, folder, force=force)

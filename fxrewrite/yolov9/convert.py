@@ -225,14 +225,91 @@ def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, 
         for pos, j in enumerate(inputs):
             was_relative = not replaced and pos < len(old_from) and old_from[pos] == -1
             new_from.append(-1 if j == -1 or (was_relative and j == k - 1) else j)
-        if replaced:
-            module = node.meta["provenance"].module_class
+        if replaced:  # a rule built this layer: its config line names the new class (and, for torch.nn, its settings)
+            module, args = _replaced_layer_entry(result.module.get_submodule(node.target), args, old, original)
         entry = [new_from if isinstance(f_old, list) or len(new_from) != 1 else new_from[0], number, module,
                  copy.deepcopy(args)]
         (backbone if old < n_backbone else head).append(entry)
     config = {k: copy.deepcopy(v) for k, v in original.items() if k not in ("backbone", "head")}
     config["backbone"], config["head"] = backbone, head
     return config
+
+
+def _replaced_layer_entry(layer: nn.Module, old_args: list, old: int, config: dict) -> tuple[str, list]:
+    """``module`` and ``args`` of the config line of a layer a rule built.
+
+    ``module`` is the name the config builder knows the class by (``nn.Upsample`` for
+    torch's own classes, as the official configs spell them). A YOLO block or head keeps
+    the replaced line's ``args`` (``[nc]``: the builder adds the channels); a torch.nn
+    layer's ``args`` are its constructor arguments, read back from the module (torch.nn
+    modules keep each constructor argument as the attribute of the same name) in the form
+    the builder's role for the class expects, so the config rebuilds its settings too
+    (``mode: bilinear``, not the replaced layer's). :func:`_check_config_describes` then
+    checks that the line builds exactly this layer.
+    """
+    from .model import _BLOCKS
+
+    cls = type(layer)
+    names = [name for name, entry in _BLOCKS.items()
+             if entry.target is cls or (isinstance(entry.target, str)
+                                        and entry.target.rpartition(":")[2] == cls.__name__ and entry.resolve() is cls)]
+    if not names:
+        raise ConversionError(f"layer {old} became a {cls.__qualname__}, which the config builder does not know: "
+                              f"register it with fxrewrite.yolov9.register_block")
+    name = min(names, key=lambda n: (n.startswith("torch."), len(n)))  # nn.Upsample before torch.nn.Upsample
+    if not cls.__module__.startswith("torch.nn."):
+        return name, copy.deepcopy(old_args)
+    role = _BLOCKS[name].role
+    if role == "batchnorm":  # the builder passes the input channels itself
+        return name, []
+    args = _constructor_args(layer, old)
+    if role == "scaled":  # [c_out, ...]: the builder adds c_in and scales c_out by width_multiple
+        return name, [_unscaled_channels(layer.out_channels, config.get("width_multiple", 1.0), old), *args[2:]]
+    return name, args
+
+
+def _constructor_args(layer: nn.Module, old: int) -> list:
+    """The positional constructor arguments that rebuild a torch.nn ``layer`` (trailing defaults left out)."""
+    import inspect
+
+    def plain(value):  # YAML has lists, not tuples
+        return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+    args, defaults = [], []
+    for param in list(inspect.signature(type(layer).__init__).parameters.values())[1:]:
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) or param.name in ("device", "dtype"):
+            break
+        if hasattr(layer, param.name):
+            value = getattr(layer, param.name)
+            if isinstance(param.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+                value = value is not None  # a flag whose attribute is the tensor it creates (bias=True)
+        elif param.default is not param.empty:
+            value = param.default
+        else:
+            raise ConversionError(f"layer {old}: {type(layer).__name__} keeps no attribute {param.name!r}; its "
+                                  f"config line cannot be derived")
+        args.append(plain(value))
+        defaults.append(plain(param.default))
+
+    def is_default(value, default) -> bool:  # torch stores kernel_size=3 as (3, 3)
+        return value == default or (isinstance(value, list) and bool(value) and all(v == default for v in value))
+
+    while args and defaults[-1] is not inspect.Parameter.empty and is_default(args[-1], defaults[-1]):
+        args.pop()
+        defaults.pop()
+    return args
+
+
+def _unscaled_channels(channels: int, width: float, old: int) -> int:
+    """The channel count a config line must give for the builder's width scaling to make ``channels``."""
+    from .model import make_divisible
+
+    guess = max(1, round(channels / width))
+    for value in (guess, guess - 1, guess + 1):
+        if value >= 1 and make_divisible(value * width, 8) == channels:
+            return value
+    raise ConversionError(f"layer {old}: {channels} output channels cannot be written in a config with width_multiple "
+                          f"{width} (the builder makes multiples of 8)")
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -358,7 +435,7 @@ def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node],
     weights contradict its config, reported by :func:`check_against_config` naming the tensor.
     :meth:`Conversion.check_config` compares every tensor (``--verify``).
     """
-    from .model import ConfigError, _plan_layers
+    from .model import ConfigError, _plan_layers, initialize_weights
 
     try:
         plans = _plan_layers(copy.deepcopy(config), _input_channels(model), None)
@@ -374,8 +451,15 @@ def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node],
         if result.node_status.get(node.name) == "replaced":
             with torch.device("meta"):
                 built = plan.instantiate()
+            initialize_weights(built)  # the builder's settings: BatchNorm eps and momentum, in-place activations
             _compare_tensors(converted.model[k], built, f"model.{k}.",
                              "the derived config does not describe the converted model: ")
+            layer = converted.model[k]
+            if type(layer).__module__.startswith("torch.nn.") and layer.extra_repr() != built.extra_repr():
+                line = (list(config["backbone"]) + list(config["head"]))[k]
+                raise ConversionError(f"the derived config cannot describe the converted model: layer {k} is "
+                                      f"{type(layer).__name__}({layer.extra_repr()}), but its config line "
+                                      f"({line[2]}, args {line[3]}) builds {type(built).__name__}({built.extra_repr()})")
 
 
 def _output_channels(node: fx.Node) -> int | list[int] | None:

@@ -67,7 +67,7 @@ from ..rules import RuleSet
 from ..shapes import propagate_shapes
 from ..tensors import named_tensors
 from ..tracing import TRACE_META, trace as fx_trace
-from ..verify import VerifyReport, verify
+from ..verify import Tolerance, VerifyReport, verify
 from .blocks import Conv, RepConvN
 from .convert import _example_size, _fixed_flags, _input_channels, _restore, _set_eval
 
@@ -98,11 +98,15 @@ class Fusion:
     def params_after(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def verify(self, inputs: torch.Tensor) -> VerifyReport:
-        """Compare the fused model's eval output with the input model's (every output tensor)."""
+    def verify(self, inputs: torch.Tensor, tolerance: Tolerance | None = None) -> VerifyReport:
+        """Compare the fused model's eval output with the input model's (every output tensor), within
+        ``tolerance`` (default: the stated fusion tolerance of the inputs' dtype, :mod:`.tolerances`)."""
+        from .tolerances import fusion_tolerance
+
+        tolerance = tolerance if tolerance is not None else fusion_tolerance(inputs.dtype)
         modes = _set_eval(self.source), _set_eval(self.model)
         try:
-            return verify(self.source, self.model, inputs)
+            return verify(self.source, self.model, inputs, tolerance=tolerance)
         finally:
             _restore(self.source, modes[0])
             _restore(self.model, modes[1])

@@ -29,12 +29,26 @@ import torch
 from torch import nn
 
 from ..errors import FxRewriteError
-from ..io import atomic_write, check_output
+from ..io import atomic_write, atomic_writes, check_output
+from ..verify import VerifyReport, compare
+from .tolerances import export_tolerance
 
-__all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "export_mode", "run_onnx",
-           "DEFAULT_OPSET", "SINGLE_HEADS"]
+__all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "onnx_bytes", "pt2_bytes",
+           "export_mode", "run_onnx", "run_pt2", "verify_export", "DEFAULT_OPSET", "SINGLE_HEADS"]
 
 DEFAULT_OPSET = 17
+#: Opsets ``--opset`` accepts. Below 11, ONNX's Resize does not follow PyTorch's interpolation (torch warns; 7 and
+#: 8 cannot export the upsampling layers at all); above 20 torch's TorchScript-based exporter is unsupported.
+MIN_OPSET, MAX_OPSET = 11, 20
+#: Largest image side (``--imgsz``): a 4096 x 4096 image is already 200 MB in fp32, far beyond YOLO sizes.
+MAX_IMAGE_SIZE = 4096
+#: Largest ``--batch``: the example batch is traced, and run twice more with ``--verify`` (about 20 MB of
+#: activations per 640x640 image for yolov9-c; ``--batch 1025`` at 640 needed more than 21 GB).
+MAX_BATCH = 64
+#: Largest example batch in pixels (``--batch`` x H x W): 64 images of 640x640.
+MAX_EXAMPLE_PIXELS = 64 * 640 * 640
+#: Upper bound of a dynamic ``.pt2`` program's batch dimension (the exported program, not the example).
+MAX_DYNAMIC_BATCH = 1024
 #: Heads of inference models (one branch): exported as they are. Any other head is converted first.
 SINGLE_HEADS = ("Detect", "DDetect", "Segment", "DSegment")
 INSTALL_HINT = "pip install 'fxrewrite[export]'"
@@ -52,6 +66,8 @@ class Prepared:
     converted: bool = False
     fused: bool = False
     notes: list[str] = field(default_factory=list)
+    conversion: Any = None  # the Conversion when the input had a training head
+    fusion: Any = None  # the Fusion with fuse=True
 
     @property
     def stride(self) -> int:
@@ -67,6 +83,7 @@ def prepare(model: nn.Module, *, fuse: bool = False) -> Prepared:
     notes = []
     head = type(model.model[-1]).__name__
     converted = head not in SINGLE_HEADS
+    conversion = fusion = None
     if converted:
         conversion = convert(model)
         model = conversion.model
@@ -81,7 +98,7 @@ def prepare(model: nn.Module, *, fuse: bool = False) -> Prepared:
         left = unfused_blocks(model)
         if left:
             notes.append(f"WARNING: {len(left)} block(s) not fused: {', '.join(left[:5])}")
-    return Prepared(model.eval(), converted, fuse, notes)
+    return Prepared(model.eval(), converted, fuse, notes, conversion, fusion)
 
 
 _HEAD_STATE = ("export", "dynamic", "shape", "anchors", "strides")
@@ -130,8 +147,9 @@ def _size(imgsz: Sequence[int] | int) -> tuple[int, int]:
 def _check_size(model: nn.Module, imgsz) -> tuple[int, int]:
     h, w = _size(imgsz)
     stride = int(torch.as_tensor(model.stride).max().item())
-    if h <= 0 or w <= 0 or h % stride or w % stride:
-        raise ExportError(f"image size {h}x{w} must be positive multiples of the model's largest stride ({stride})")
+    if h <= 0 or w <= 0 or h % stride or w % stride or max(h, w) > MAX_IMAGE_SIZE:
+        raise ExportError(f"image size {h}x{w} must be positive multiples of the model's largest stride ({stride}), "
+                          f"at most {MAX_IMAGE_SIZE}")
     return h, w
 
 
@@ -160,16 +178,14 @@ def _output_names(model: nn.Module, x: torch.Tensor) -> list[str]:
     return [f"output{i}" for i in range(count)]
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int = 640, batch: int = 1,
-                dynamic: bool = False, half: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
-                inputs: Sequence[str | Path] = ()) -> Path:
-    """Write ``model`` (an inference model: see :func:`prepare`) as ONNX to ``path``, atomically.
+def onnx_bytes(model: nn.Module, *, imgsz: Sequence[int] | int = 640, batch: int = 1, dynamic: bool = False,
+               half: bool = False, opset: int = DEFAULT_OPSET, shown: str = "ONNX export") -> bytes:
+    """``model`` (an inference model: see :func:`prepare`) as a checked ONNX model, serialised.
 
     ``dynamic`` makes batch, height and width dynamic; ``half`` exports fp16
     weights and input. The model is left as it was (flags, dtype, anchor cache).
     """
     onnx = _need("onnx", "ONNX export")
-    check_output(path, force=force, inputs=inputs)
     h, w = _check_size(model, imgsz)
     work = _as_dtype(model, torch.float16 if half else None)
     x = example_image(work, [h, w], batch, dtype=torch.float16 if half else torch.float32)
@@ -188,7 +204,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | in
                               input_names=["images"], output_names=names, dynamic_axes=axes)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{path}: ONNX export failed: {first}") from exc
+            raise ExportError(f"{shown}: ONNX export failed: {first}") from exc
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto)
     for key, value in (("stride", int(torch.as_tensor(work.stride).max().item())),
@@ -196,21 +212,30 @@ def export_onnx(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | in
         if value is not None:
             meta = proto.metadata_props.add()
             meta.key, meta.value = key, str(value)
+    return proto.SerializeToString()
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int = 640, batch: int = 1,
+                dynamic: bool = False, half: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
+                inputs: Sequence[str | Path] = ()) -> Path:
+    """Write ``model`` (an inference model: see :func:`prepare`) as ONNX to ``path``, atomically
+    (see :func:`onnx_bytes`)."""
+    _need("onnx", "ONNX export")
+    check_output(path, force=force, inputs=inputs)
+    data = onnx_bytes(model, imgsz=imgsz, batch=batch, dynamic=dynamic, half=half, opset=opset, shown=str(path))
     with atomic_write(path, force=force, inputs=inputs) as handle:
-        handle.write(proto.SerializeToString())
+        handle.write(data)
     return Path(path).resolve()
 
 
-def export_pt2(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int = 640, batch: int = 1,
-               dynamic: bool = False, half: bool = False, force: bool = False,
-               inputs: Sequence[str | Path] = ()) -> Path:
-    """Write ``model`` as a ``torch.export`` ExportedProgram (``torch.export.save``) to ``path``, atomically.
+def pt2_bytes(model: nn.Module, *, imgsz: Sequence[int] | int = 640, batch: int = 1, dynamic: bool = False,
+              half: bool = False, shown: str = "torch.export") -> bytes:
+    """``model`` as a ``torch.export`` ExportedProgram, serialised (``torch.export.save``).
 
     With ``dynamic``, the batch and the image height and width (as multiples of
     the largest stride) are dynamic; the head then rebuilds its anchors from the
     input shape (``dynamic`` flag), otherwise the anchors are constants of the program.
     """
-    check_output(path, force=force, inputs=inputs)
     h, w = _check_size(model, imgsz)
     work = _as_dtype(model, torch.float16 if half else None)
     dtype = torch.float16 if half else torch.float32
@@ -220,9 +245,9 @@ def export_pt2(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int
     shapes = None
     if dynamic:
         dim = torch.export.Dim
-        shapes = {"x": {0: dim("batch", min=1, max=1024),
-                        2: stride * dim("height", min=1, max=max(4096 // stride, h // stride)),
-                        3: stride * dim("width", min=1, max=max(4096 // stride, w // stride))}}
+        shapes = {"x": {0: dim("batch", min=1, max=MAX_DYNAMIC_BATCH),
+                        2: stride * dim("height", min=1, max=MAX_IMAGE_SIZE // stride),
+                        3: stride * dim("width", min=1, max=MAX_IMAGE_SIZE // stride)}}
     with export_mode(work, dynamic=dynamic), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")
         with torch.no_grad():
@@ -235,11 +260,20 @@ def export_pt2(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int
             program = torch.export.export(work, (x,), dynamic_shapes=shapes)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{path}: torch.export failed: {first}") from exc
+            raise ExportError(f"{shown}: torch.export failed: {first}") from exc
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def export_pt2(model: nn.Module, path: str | Path, *, imgsz: Sequence[int] | int = 640, batch: int = 1,
+               dynamic: bool = False, half: bool = False, force: bool = False,
+               inputs: Sequence[str | Path] = ()) -> Path:
+    """Write ``model`` as a ``torch.export`` ExportedProgram to ``path``, atomically (see :func:`pt2_bytes`)."""
+    check_output(path, force=force, inputs=inputs)
+    data = pt2_bytes(model, imgsz=imgsz, batch=batch, dynamic=dynamic, half=half, shown=str(path))
     with atomic_write(path, force=force, inputs=inputs) as handle:
-        handle.write(buffer.getvalue())
+        handle.write(data)
     return Path(path).resolve()
 
 
@@ -250,20 +284,45 @@ def _as_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def run_onnx(path: str | Path, x: torch.Tensor, *, threads: int | None = None) -> list[torch.Tensor]:
-    """Run an exported model in ONNX Runtime (CPU) on ``x``; the outputs as tensors."""
+def run_onnx(model: str | Path | bytes, x: torch.Tensor, *, threads: int | None = None) -> list[torch.Tensor]:
+    """Run an exported model (a path, or the serialised model) in ONNX Runtime (CPU) on ``x``; the outputs
+    as tensors."""
     ort = _need("onnxruntime", "running the ONNX model (--verify)")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     return [torch.from_numpy(o) for o in outputs]
 
 
+def run_pt2(program: str | Path | bytes, x: torch.Tensor) -> Any:
+    """Load a saved ExportedProgram (a path, or the serialised program) and run it on ``x``."""
+    loaded = torch.export.load(io.BytesIO(program) if isinstance(program, bytes) else program)
+    with torch.no_grad():
+        return loaded.module()(x)
+
+
+def reference_outputs(model: nn.Module, x: torch.Tensor) -> Any:
+    """What the exported model must compute: ``model`` in export mode (fp16 copy for an fp16 ``x``)."""
+    work = _as_dtype(model, torch.float16 if x.dtype == torch.float16 else None)
+    with export_mode(work), torch.no_grad():
+        return work(x)
+
+
+def verify_export(model: nn.Module, exported: bytes, kind: str, x: torch.Tensor) -> VerifyReport:
+    """Run the serialised export (``kind``: "onnx" or "pt2") and ``model`` on ``x``; compare every output
+    with the stated export tolerance of ``x``'s dtype (:mod:`fxrewrite.yolov9.tolerances`)."""
+    got = run_onnx(exported, x) if kind == "onnx" else run_pt2(exported, x)
+    return compare(reference_outputs(model, x), got, export_tolerance(x.dtype))
+
+
 # -- the command ----------------------------------------------------------------------
 def register(subparsers) -> None:
+    from .cli import add_image_size, add_keep_on_mismatch, add_random_weight_options, bounded_int
+
     p = subparsers.add_parser("export", help="export a YOLOv9 model (training or converted) to ONNX / torch.export",
                               description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -276,76 +335,95 @@ def register(subparsers) -> None:
     p.add_argument("--pt2", metavar="OUT.pt2", help="write a torch.export ExportedProgram here")
     p.add_argument("--fuse", action="store_true",
                    help="fuse for deployment first (rules/deploy.yaml): fold BatchNorms, merge RepConvN branches")
-    p.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N", help="image size: N or H W (default 640)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+    add_image_size(p, "image size")
+    p.add_argument("--batch", type=bounded_int(1, MAX_BATCH), default=1,
+                   help=f"batch size of the example input, 1 to {MAX_BATCH} (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--half", action="store_true", help="fp16 weights and input")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=bounded_int(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--verify", action="store_true",
-                   help="run the exported model (ONNX Runtime / the loaded program) on a random image and "
-                        "compare with PyTorch")
+                   help="before writing, run each export (ONNX Runtime / the saved program) and the PyTorch model "
+                        "on a random image and compare every output within the stated export tolerance of its "
+                        "dtype (docs/cli.md); a training model's conversion must be bitwise and its fusion within "
+                        "the fusion tolerance; on FAIL nothing is written and the exit status is 1")
+    add_keep_on_mismatch(p)
     p.add_argument("--force", action="store_true", help="replace existing output files")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config (default 0)")
-    p.add_argument("--nc", type=int, help="class count with --config (default: the config's)")
+    add_random_weight_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _load
+    from .cli import _load, check_verification, image_size, input_files, verification_image
 
-    outputs = [Path(p) for p in (args.onnx, args.pt2) if p]
+    outputs = {kind: Path(p) for kind, p in (("onnx", args.onnx), ("pt2", args.pt2)) if p}
     if not outputs:
         raise ExportError("export: give --onnx OUT.onnx and/or --pt2 OUT.pt2")
     if args.onnx:
         _need("onnx", "ONNX export")
     if args.verify and args.onnx:
         _need("onnxruntime", "--verify of an ONNX export")
-    inputs = [args.input] if args.input else []
-    for path in outputs:
+    h, w = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
+    if args.batch * h * w > MAX_EXAMPLE_PIXELS:
+        raise ExportError(f"--batch {args.batch} --imgsz {' '.join(map(str, args.imgsz))}: {args.batch * h * w:,} "
+                          f"pixels per example batch, at most {MAX_EXAMPLE_PIXELS:,} (64 images of 640x640): "
+                          f"give a smaller batch or image size")
+    inputs = input_files(args)
+    for path in outputs.values():
         check_output(path, force=args.force, inputs=inputs)  # refuse before doing any work
+    if len({p.resolve() for p in outputs.values()}) != len(outputs):
+        raise ExportError(f"export: --onnx and --pt2 name the same file {args.onnx}")
     started = time.perf_counter()
     model, origin = _load(args)
-    _check_size(model, args.imgsz)  # before the (slower) conversion
+    size = image_size(model, args.imgsz)  # before the (slower) conversion
     prepared = prepare(model, fuse=args.fuse)
     print(f"source: {origin}")
     for note in prepared.notes:
         print(note)
-    kw = dict(imgsz=args.imgsz, batch=args.batch, dynamic=args.dynamic, half=args.half, force=args.force,
-              inputs=inputs)
-    written = []
+    kw = dict(imgsz=list(size), batch=args.batch, dynamic=args.dynamic, half=args.half)
+    payloads = {}
     if args.onnx:
-        written.append(export_onnx(prepared.model, args.onnx, opset=args.opset, **kw))
-        if args.verify:
-            _verify_onnx(prepared.model, args.onnx, args)
+        payloads["onnx"] = onnx_bytes(prepared.model, opset=args.opset, shown=args.onnx, **kw)
     if args.pt2:
-        written.append(export_pt2(prepared.model, args.pt2, **kw))
-        if args.verify:
-            _verify_pt2(prepared.model, args.pt2, args)
+        payloads["pt2"] = pt2_bytes(prepared.model, shown=args.pt2, **kw)
+    reports = []
+    if args.verify:
+        h, w = size
+        reports += _verify_preparation(prepared, model, size)
+        x = verification_image(prepared.model, size, args.batch, seed=1,
+                               dtype=torch.float16 if args.half else torch.float32)
+        for kind, data in payloads.items():
+            report = verify_export(prepared.model, data, kind, x)
+            what = "ONNX Runtime vs PyTorch" if kind == "onnx" else "loaded ExportedProgram vs PyTorch"
+            print(f"verify: {h}x{w} random image{f', batch {args.batch}' if args.batch > 1 else ''}, "
+                  f"{'fp16' if args.half else 'fp32'}, {what}: {report.summary()}")
+            reports.append((what, report))
+        if not args.keep_on_mismatch:
+            check_verification(reports, written=False)
+    kinds = list(payloads)
+    with atomic_writes([outputs[k] for k in kinds], force=args.force, inputs=inputs) as handles:
+        for kind, handle in zip(kinds, handles):
+            handle.write(payloads[kind])
+    written = [outputs[k].resolve() for k in kinds]
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.1f} s")
+    check_verification(reports, written=True)
     return 0
 
 
-def _reference(model: nn.Module, x: torch.Tensor, half: bool) -> torch.Tensor:
-    work = _as_dtype(model, torch.float16 if half else None)
-    with export_mode(work), torch.no_grad():
-        y = work(x)
-    return (y[0] if isinstance(y, (tuple, list)) else y).float()
+def _verify_preparation(prepared: Prepared, model: nn.Module, size: tuple[int, int]) -> list:
+    """The steps between the input model and the exported one: a conversion must be bitwise, a fusion
+    within the fusion tolerance (fp32: the model is exported from its fp32 weights)."""
+    from .cli import verification_image
 
-
-def _verify_onnx(model: nn.Module, path: str, args) -> None:
-    x = example_image(model, args.imgsz, args.batch, seed=1, dtype=torch.float16 if args.half else torch.float32)
-    got = run_onnx(path, x)[0].float()
-    diff = (got - _reference(model, x, args.half)).abs().max().item()
-    h, w = x.shape[2:]
-    print(f"verify: {h}x{w} random image, ONNX Runtime vs PyTorch: max abs diff {diff:.3g}")
-
-
-def _verify_pt2(model: nn.Module, path: str, args) -> None:
-    x = example_image(model, args.imgsz, args.batch, seed=1, dtype=torch.float16 if args.half else torch.float32)
-    program = torch.export.load(path)
-    with torch.no_grad():
-        y = program.module()(x)
-    got = (y[0] if isinstance(y, (tuple, list)) else y).float()
-    diff = (got - _reference(model, x, args.half)).abs().max().item()
-    h, w = x.shape[2:]
-    print(f"verify: {h}x{w} random image, loaded ExportedProgram vs PyTorch: max abs diff {diff:.3g}")
+    reports = []
+    x = verification_image(model, size)
+    h, w = size
+    if prepared.conversion is not None:
+        report = prepared.conversion.verify(x)
+        print(f"verify: {h}x{w} random image, converted vs training main output: {report.summary()}")
+        reports.append(("converted vs training main output", report))
+    if prepared.fusion is not None:
+        report = prepared.fusion.verify(x)
+        print(f"verify: {h}x{w} random image, fused vs unfused: {report.summary()}")
+        reports.append(("fused vs unfused", report))
+    return reports

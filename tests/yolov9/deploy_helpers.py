@@ -21,10 +21,10 @@ ATOL, RTOL = 1e-4, 1e-6
 
 @functools.lru_cache(maxsize=None)
 def training(name: str = "yolov9-t") -> torch.nn.Module:
-    """A seeded training model with non-trivial BatchNorm statistics, in eval mode."""
+    """A seeded training model with non-trivial BatchNorms (weight, bias, running mean and variance), in eval mode."""
     torch.manual_seed(0)
     model = DetectionModel(name)
-    randomise_batchnorm(model, seed=1)
+    randomise_batchnorm(model, seed=1, affine=True)
     return model.eval()
 
 

@@ -10,66 +10,12 @@ import pytest
 import torch
 import yaml
 
-from fxrewrite.cli import main
+from cli_helpers import TINY, files, run, tiny_yaml  # noqa: F401  (tiny_yaml: a fixture)
 from fxrewrite.yolov9 import DetectionModel, convert
 from fxrewrite.yolov9 import checkpoint as ckpt_io
 from fxrewrite.yolov9.checkpoint import load_checkpoint
 from fxrewrite.yolov9.classes import allowed_globals, official_aliases
 from fxrewrite.yolov9.cli import randomise_batchnorm
-
-# A small PGI model (Silence, auxiliary branch, DualDDetect): a few seconds to build and convert.
-TINY = {
-    "nc": 3, "depth_multiple": 0.33, "width_multiple": 0.25,
-    "backbone": [
-        [-1, 1, "Silence", []],
-        [-1, 1, "Conv", [64, 3, 2]],
-        [-1, 1, "Conv", [128, 3, 2]],
-        [-1, 1, "RepNCSPELAN4", [256, 128, 64, 1]],
-        [-1, 1, "ADown", [256]],
-        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 5 P3
-        [-1, 1, "ADown", [512]],
-        [-1, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 7 P4
-        [-1, 1, "ADown", [512]],
-        [-1, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 9 P5
-    ],
-    "head": [
-        [-1, 1, "SPPELAN", [512, 256]],  # 10
-        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
-        [[-1, 7], 1, "Concat", [1]],
-        [-1, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 13
-        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
-        [[-1, 5], 1, "Concat", [1]],
-        [-1, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 16
-        [-1, 1, "ADown", [256]],
-        [[-1, 13], 1, "Concat", [1]],
-        [-1, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 19
-        [-1, 1, "ADown", [512]],
-        [[-1, 10], 1, "Concat", [1]],
-        [-1, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 22
-        [5, 1, "RepNCSPELAN4", [256, 256, 128, 1]],  # 23 aux
-        [7, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 24 aux
-        [9, 1, "RepNCSPELAN4", [512, 512, 256, 1]],  # 25 aux
-        [[23, 24, 25, 16, 19, 22], 1, "DualDDetect", ["nc"]],
-    ],
-}
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
-
-@pytest.fixture(scope="module")
-def tiny_yaml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny-pgi.yaml"
-    path.write_text(yaml.safe_dump(TINY, sort_keys=False))
-    return path
-
 
 def training_checkpoint(path: Path, model, ema=None, **entries) -> Path:
     """A train_dual.py-style checkpoint (fp16 model and ema, optimizer state...) pickled under official names."""
@@ -106,9 +52,12 @@ def test_convert_a_training_checkpoint_uses_ema_and_writes_three_files(capsys, t
     assert lines[1] == "head: DualDDetect -> DDetect"
     assert lines[2] == "layers: 27 -> 23 kept; pruned 23..25; collapsed 0"
     assert lines[3] == "layer map (new <- old): 0..21 <- 1..22, 22 <- 26"
-    assert lines[5] == "verify: 128x160 random image, converted vs training main output: 1 output tensor(s): bitwise equal"
+    assert lines[4] == ("rules applied (rewrites): dual-ddetect-to-ddetect (1), prune-auxiliary-branch (1), "
+                        "collapse-silence (1)")
+    assert lines[6] == ("verify: 128x160 random image, converted vs training main output: PASS: 1 output tensor(s), "
+                        "max abs diff 0, max rel diff 0 (required: bitwise equal)")
     loaded = load_checkpoint(out)
-    assert lines[6] == (f"verify: the derived config builds exactly the converted model's "
+    assert lines[7] == (f"verify: the derived config builds exactly the converted model's "
                         f"{len(loaded.model.state_dict()):,} tensors (names and shapes)")
     assert loaded.weights == "model" and loaded.stored_dtype == torch.float16 and loaded.epoch == -1
     assert loaded.model.names == ["cat", "dog", "bird"]

@@ -177,21 +177,6 @@ def test_the_getattr_a_fused_checkpoint_needs_is_limited_to_forward_fuse(tmp_pat
 
 
 @requires_official
-def test_rules_fuse_bitwise_like_the_official_fuse():
-    off = official()
-    source = converted().model
-    reference = off.build("gelan-t.yaml", nc=80)
-    reference.load_state_dict(source.state_dict())
-    reference.eval().fuse()
-    ours = fused().model
-    assert ours.state_dict().keys() == reference.state_dict().keys()
-    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in ours.state_dict().items())
-    x = image(320)
-    with torch.no_grad():
-        assert torch.equal(ours(x)[0], reference(x)[0])
-
-
-@requires_official
 def test_blocks_the_trace_cannot_reach_are_reported_not_skipped():
     # The official RepNCSPELAN4 / ELAN1 iterate over a tensor (list(x.chunk(2, 1))): symbolic tracing
     # cannot enter them, so their Conv / RepConvN blocks are out of the rules' reach.

@@ -108,7 +108,13 @@ def test_cli_export_from_a_training_config(tmp_path, capsys):
     assert main(["export", "--config", "yolov9-t", "--fuse", "--onnx", str(out), "--imgsz", "320", "--verify"]) == 0
     text = capsys.readouterr().out
     assert "converted: DualDDetect -> DDetect" in text and "parameters 2,442,640 -> 2,407,632" in text
-    assert re.search(r"ONNX Runtime vs PyTorch: max abs diff (\S+)", text)
+    verified = [line for line in text.splitlines() if line.startswith("verify: 320x320 random image")]
+    assert [line.split(": ")[1] for line in verified] == [
+        "320x320 random image, converted vs training main output", "320x320 random image, fused vs unfused",
+        "320x320 random image, fp32, ONNX Runtime vs PyTorch"]
+    assert all(": PASS: " in line for line in verified)
+    assert verified[0].endswith("(required: bitwise equal)")
+    assert verified[2].endswith("(required: |diff| <= 0.0001 + 1e-05 * |expected|)")
     assert [p.name for p in tmp_path.iterdir()] == ["gelan-t.onnx"]  # no temporary file left behind
     assert main(["export", "--config", "yolov9-t", "--onnx", str(out)]) == 1  # exists: refused
     assert "already exists" in capsys.readouterr().err
