@@ -202,7 +202,7 @@ def run_draw(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".dot", ".gv"):  # without Graphviz the DOT source goes to OUT.dot instead
         check_output(out.with_suffix(".dot"), force=True, inputs=inputs)
     rules = _rule_set(args.rules)
-    model, origin = _load(args)
+    model, origin = load_model(args)
     result = trace_and_rewrite(model, rules, ops=args.ops)
     drawing = draw_rewrite(result, view=args.view, clusters=layer_clusters(result, model.yaml),
                            title=f"{Path(args.input).name if args.input else args.config}: {args.view.replace('_', ' ')}"
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(outputs, args, inputs)  # refuse before doing any work; nothing is created yet
     started = time.perf_counter()
     rules = _rule_set(args.rules)
-    model, origin = _load(args)
+    model, origin = load_model(args)
     size = image_size(model, args.imgsz)  # before the conversion
     try:
         conversion = convert(model, rules)
@@ -332,18 +332,20 @@ def _outputs(args) -> dict[str, Path]:
     return found
 
 
-def _load(args) -> tuple[torch.nn.Module, str]:
+def load_model(args) -> tuple[torch.nn.Module, str]:
+    """The model a command reads: built from ``--config`` with random weights (seed ``--seed``), or
+    loaded safely from the input checkpoint; returns it in eval mode and a line saying where it came from."""
     if args.config:
-        from .model import ConfigError, DetectionModel, SegmentationModel
-        from .config import load_config
+        from .config import ConfigError, load_config
+        from .model import model_class_for
 
         cfg = load_config(args.config)
         torch.manual_seed(args.seed)
         try:
-            head = str(cfg["head"][-1][2])
+            head = cfg["head"][-1][2]
         except (KeyError, IndexError, TypeError):  # a malformed config: the builder says what is wrong
-            head = ""
-        cls = SegmentationModel if "Segment" in head else DetectionModel
+            head = None
+        cls = model_class_for(head if isinstance(head, (str, type)) else None)
         try:
             model = cls(cfg, nc=args.nc)
         except ConfigError as exc:  # built from a dict: name the file the dict came from

@@ -354,7 +354,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _load, check_verification, image_size, input_files, verification_image
+    from .cli import check_verification, image_size, input_files, load_model, verification_image
 
     outputs = {kind: Path(p) for kind, p in (("onnx", args.onnx), ("pt2", args.pt2)) if p}
     if not outputs:
@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     if len({p.resolve() for p in outputs.values()}) != len(outputs):
         raise ExportError(f"export: --onnx and --pt2 name the same file {args.onnx}")
     started = time.perf_counter()
-    model, origin = _load(args)
+    model, origin = load_model(args)
     size = image_size(model, args.imgsz)  # before the (slower) conversion
     prepared = prepare(model, fuse=args.fuse)
     print(f"source: {origin}")

@@ -4,6 +4,8 @@ and checks that fail when a BatchNorm is not folded in.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,11 @@ def test_the_fused_gelan_is_bitwise_the_official_fuse_with_trained_looking_batch
     x = image(160)
     with torch.no_grad():
         assert torch.equal(fused().model(x)[0], reference(x)[0])
+    # The model's own fuse() (the official method, in place) folds through the same core maths.
+    with torch.no_grad():
+        in_place = copy.deepcopy(source).eval().fuse()
+    assert in_place.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in in_place.state_dict().items())
 
 
 @requires_official
