@@ -1,5 +1,8 @@
 """Backbone and neck building blocks of YOLOv9 / GELAN.
 
+Why this module is long: it holds one class per official block (fourteen), each a fact of the
+checkpoint format, under the compatibility rules below; split, the rules would be stated twice.
+
 These classes reproduce the layers of the reference YOLOv9 implementation so
 that its checkpoints load without key remapping and produce bit-identical
 outputs.  Three compatibility rules shape the code below:

@@ -1,5 +1,8 @@
 """``fxrewrite convert``: a YOLOv9 training checkpoint (or a shipped config) -> GELAN inference checkpoint.
 
+Why this module is long: it holds the ``convert`` and ``draw`` commands and the option helpers
+and checks ``export`` shares (image sizes, verification, safe model loading).
+
 Writes ``OUT.pt`` (official layout, loads in the official detect.py/val.py/export.py),
 ``OUT.yaml`` (the derived config) and ``OUT.params.json`` (new tensor name -> original
 name; with ``--fuse``, a fused tensor maps to the list of tensors it was computed from),

@@ -1,5 +1,8 @@
 """Convert a YOLOv9 training model (auxiliary PGI branch) into its GELAN inference model.
 
+Why this module is long: the conversion and the derivation of its config are checked against
+each other (the derived config must build the converted layers), step by step below.
+
 The pipeline, with no layer index written anywhere:
 
 1. :func:`fxrewrite.trace` at layer granularity: one node per ``model.N`` layer,

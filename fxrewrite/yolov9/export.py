@@ -1,5 +1,8 @@
 """``fxrewrite export``: a YOLOv9 checkpoint -> ONNX (and/or a ``torch.export`` program, ``.pt2``).
 
+Why this module is long: the two export formats share preparation, size checks and
+verification, and the ``export`` command runs them; one file keeps that path readable.
+
 The input is a training checkpoint (converted on the fly: only the main branch
 is exported), an already converted or fused one, or ``--config NAME`` (random
 weights, no download). With ``--fuse`` the deployment rules (``rules/deploy.yaml``)
