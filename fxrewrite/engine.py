@@ -72,6 +72,7 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
         # a call_module node for a module only ctx.modules has would be refused by fx against it.
         ctx.graph.owning_module = None
         _apply_rule(ctx, bound, rules.max_iterations)
+        ctx.end_rule()
         if ctx.changes != before or ctx.actions_run != acted:
             _validate(ctx, bound, gm, example, touched_before)
     ctx.rule = None
