@@ -34,6 +34,7 @@ from torch.fx.node import map_arg
 from .context import COLLAPSED, KEPT, NEW, PRUNED, REMOVED, REPLACED, Origin, RewriteContext, computed_origin
 from .graph_copy import copy_graph
 from .errors import RewriteError
+from .gcpause import gc_paused
 from .pattern import Match
 from .result import Rejection, RewriteResult, RuleLog
 from .rules import BoundRule, Rule, RuleSet, references
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover - older torch
     _ResultModule = fx.GraphModule
 
 
+@gc_paused
 def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bool = True) -> RewriteResult:
     """Apply ``rules`` in order to a copy of ``gm`` and return the result with its log and provenance.
 

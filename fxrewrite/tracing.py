@@ -38,11 +38,17 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
+from .gcpause import gc_paused
 from .naming import class_matches, glob_matches
 from .provenance import META_KEY, Provenance
 from .shapes import propagate_shapes
 
 TRACE_META = "fxrewrite.trace"
+
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule
+except ImportError:  # pragma: no cover - older torch
+    _TracedModule = fx.GraphModule
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,7 @@ class ProvenanceTracer(fx.Tracer):
         self.num_calls.update(calls)
 
 
+@gc_paused
 def trace(
     module: nn.Module,
     *example_inputs: Any,
@@ -210,7 +217,9 @@ def trace(
     graph = tracer.trace(_shallow_copy(module), concrete_args=concrete_args)
     if concrete_args:
         _drop_concrete_guards(graph)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+    # Lazy: its Python code is generated on first use (a call, .code, print), not here: most traces are
+    # rewritten before anything runs them, and code generation costs a fifth of a large trace.
+    gm = _TracedModule(tracer.root, graph, class_name=type(module).__name__)
     root_class = type(module).__name__
     modules = dict(module.named_modules())
     for node in gm.graph.nodes:

@@ -102,7 +102,7 @@ STEP_OF = {
     "registry": "match", "checks": "match",
     "context": "act", "call_sites": "act", "graph_copy": "act", "actions": "act", "modules": "act",
     "engine": "validate", "result": "validate",
-    "rebind": "rebind", "verify": "verify", "draw": "draw", "nxgraph": "draw", "cli": "cli", "rewrite_cli": "cli",
+    "rebind": "rebind", "verify": "verify", "draw": "draw", "nxgraph": "draw", "cli": "cli", "gcpause": "shared", "rewrite_cli": "cli",
 }
 LAZY_UPWARD = {("fxrewrite.result", "fxrewrite.draw")}
 
