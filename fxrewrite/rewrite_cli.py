@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [p for p in (source, *rule_files) if p is not None]
     out = Path(args.output)
     check_output(out, force=args.force, inputs=inputs)  # before any work: a bad -o fails fast
-    drawings = _drawing_paths(args.draw, args.force, inputs)
+    drawings = _drawing_folder(args.draw)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     example = tuple(torch.randn(*shape, generator=generator) for shape in shapes)
@@ -175,7 +175,8 @@ def load_module(spec: str):
     return obj, Path(source) if source else None
 
 
-def _drawing_paths(folder: str | None, force: bool, inputs: list[Path]) -> Path | None:
+def _drawing_folder(folder: str | None) -> Path | None:
+    """The ``--draw`` folder (made only once there is something to draw in it)."""
     if folder is None:
         return None
     path = Path(folder)
