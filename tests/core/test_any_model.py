@@ -302,6 +302,6 @@ def test_a_linear_on_sequences_is_not_folded_into_the_batchnorm_after_it():
     # (N, L, C) -> Linear -> BatchNorm1d normalises L, not the Linear's features: refused, not folded wrong.
     model = randomised(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()  # 3 features, 3 positions
     with pytest.raises(RewriteError, match=r"^rule 'fold-Linear-BatchNorm1d': 0 -> 1: the Linear's output has "
-                                           r"shape \(2, 3, 5\); its features are the BatchNorm's channels only "
+                                           r"shape \(2, 3, 3\); its features are the BatchNorm's channels only "
                                            r"when it is \(N, C\)$"):
         fxrewrite.rewrite(fxrewrite.trace(model, torch.randn(2, 3, 4)), fxrewrite.load_rules("fuse-conv-bn"))
