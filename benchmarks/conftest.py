@@ -2,20 +2,29 @@
 from __future__ import annotations
 
 
+TITLES = {
+    "prune": "prune + collapse (fxrewrite) vs eliminate_dead_code (torch.fx), mean seconds per round:",
+}
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
-    means: dict[tuple[str, int], float] = {}
+    means: dict[str, dict[tuple[str, int], float]] = {}
     for bench in getattr(session, "benchmarks", None) or ():
         info = getattr(bench, "extra_info", {}) or {}
         stats = getattr(bench, "stats", None)
         if "size" in info and "contender" in info and stats is not None:
-            means[(info["contender"], info["size"])] = stats.mean
+            means.setdefault(info.get("table", "prune"), {})[(info["contender"], info["size"])] = stats.mean
+    for table, found in means.items():
+        _table(terminalreporter.write_line, TITLES.get(table, f"{table}: trace + rewrite + rebind (fxrewrite) vs "
+                                                              f"symbolic_trace + eliminate_dead_code + recompile "
+                                                              f"(torch.fx), mean seconds per round:"), found)
+
+
+def _table(write, title: str, means: dict[tuple[str, int], float]) -> None:
     sizes = sorted({size for _, size in means})
-    if not sizes:
-        return
-    write = terminalreporter.write_line
     write("")
-    write("prune + collapse (fxrewrite) vs eliminate_dead_code (torch.fx), mean seconds per round:")
+    write(title)
     write(f"{'nodes':>8} {'fxrewrite':>11} {'torch.fx':>11} {'ratio':>7} {'growth fxrewrite':>17} {'growth fx':>10}")
     previous: dict[str, float] = {}
     for size in sizes:

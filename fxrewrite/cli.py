@@ -1,6 +1,6 @@
 """The ``fxrewrite`` command line.
 
-Core commands live here (``demo``, ``rules``); plug-ins add theirs (the YOLOv9
+Core commands live here (``demo``, ``rules``; ``rewrite`` in :mod:`fxrewrite.rewrite_cli`); plug-ins add theirs (the YOLOv9
 plug-in adds ``convert``) through a ``register_cli(subparsers)`` function.
 Errors fxrewrite knows about print one line to stderr and exit with status 1
 (2 for usage errors); nothing is left half-written.
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="check a rule file, or list actions, checks and shipped rule sets")
     rules.add_argument("files", nargs="*", help="rule files (or shipped names such as yolov9) to check")
     rules.set_defaults(func=_rules)
+
+    from .rewrite_cli import register as register_rewrite  # light: its imports happen when it runs
+    register_rewrite(sub)
 
     for name in registry.plugin_names():
         plugin = registry.load_plugin(name)

@@ -44,12 +44,14 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn
 import torch
 from torch import fx, nn
 
+from .call_sites import calls_of as _calls_of, join_call_sites, split_call_site
 from .errors import RewriteError
 from .graph_copy import copy_graph
 from .pattern import Match
 from .provenance import derive, mark_changed
 from .shapes import shape_tree
 from .tensors import named_tensors
+from .tracing import TRACE_META
 
 # Where a tensor of a rewritten module comes from: the original tensor it is (its name), the
 # original tensors it was computed from (a tuple of names), or nothing (None, a new tensor).
@@ -89,6 +91,8 @@ class RewriteContext:
         # or dropping a module's tensors costs the size of that module, not of the whole model.
         self._origins: dict[str, Origin] = {}
         self._tensors_of: dict[str, list[str]] = {}
+        # Tensors the root's forward computed while tracing are computed from the buffers it read.
+        constants = getattr(gm.meta.get(TRACE_META), "constants", None) or {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in self.modules:
                 value = _get_attr(gm, node.target)
@@ -96,7 +100,7 @@ class RewriteContext:
                 if isinstance(value, nn.Module):
                     self._index(node.target, {name: name for name, _ in named_tensors(value, node.target)})
                 elif isinstance(value, torch.Tensor):
-                    self._index(node.target, {node.target: node.target})
+                    self._index(node.target, {node.target: constants.get(node.target, node.target)})
         self.status: dict[str, str] = {}
         self.marked: set[str] = set()  # nodes marked by the current rule (a node replaced twice stays "replaced")
         self.changes = 0
@@ -109,6 +113,8 @@ class RewriteContext:
         self.log = None  # its RuleLog (fxrewrite.result.RuleLog)
         self._dropped: set[str] = set()  # origins the current rule logged as dropped
         self._free: dict[str, int] = {}  # prefix -> next number to try in add_module
+        self.copies: dict[str, str] = {}  # call-site target -> the shared module's, made by the current rule
+        self.split_from: set[str] = set()  # the shared modules the current rule split
 
     # -- reading --------------------------------------------------------------------------
     @property
@@ -213,9 +219,11 @@ class RewriteContext:
         (local name), to a tuple of old local names it was computed from (its origin becomes theirs,
         combined), or to None (a new tensor). Old tensors no source names are dropped (logged).
         """
+        # Shared: called by other nodes too, or it was until this rule gave them their own targets.
+        shared = node.target in self.split_from or any(n is not node for n in _calls_of(self.graph, node.target))
+        if shared:
+            split_call_site(self, node)  # this call site gets its own target (see end_rule)
         target = node.target
-        if any(n is not node for n in _calls_of(self.graph, target)):
-            self.refuse(f"module {target} is called by several nodes; cannot replace it for one")
         old = {name[len(target) + 1:]: self._origins.pop(name, None) for name in self._tensors_of.pop(target, ())}
         used: set[str] = set()
         new: dict[str, Origin] = {}
@@ -226,11 +234,17 @@ class RewriteContext:
             else:
                 used.add(source)
                 new[f"{target}.{name}"] = old.get(source) if source else None
-        self._log_dropped(origin for name, origin in old.items() if name not in used)
+        if target not in self.copies:  # a split call site drops nothing: the shared module keeps its tensors
+            self._log_dropped(origin for name, origin in old.items() if name not in used)
         self._index(target, new)
         self.modules[target] = module
         derive(node, node, self.rule_name, module_class=type(module).__name__)
         self.mark(node, REPLACED if self.status.get(node.name) != NEW else NEW)
+
+    def end_rule(self) -> None:
+        """After a rule: join again the call sites of a shared module that the rule replaced at every
+        site by equivalent modules (see :mod:`fxrewrite.call_sites`)."""
+        join_call_sites(self)
 
     def record_origin(self, tensor: str, computed_from: Iterable[str]) -> None:
         """Record that the current tensor ``tensor`` is computed from the current tensors
@@ -348,14 +362,6 @@ def reachable(start: fx.Node, *, users: bool) -> set[fx.Node]:
                 seen.add(other)
                 todo.append(other)
     return seen
-
-
-def _calls_of(graph: fx.Graph, target: str) -> Iterable[fx.Node]:
-    """The nodes calling module ``target`` (fx's node index: no scan of the graph)."""
-    find = getattr(graph, "find_nodes", None)
-    if find is not None:
-        return find(op="call_module", target=target)
-    return [n for n in graph.nodes if n.op == "call_module" and n.target == target]  # pragma: no cover
 
 
 def _get_attr(gm: nn.Module, target: str) -> Any:

@@ -34,6 +34,7 @@ from torch.fx.node import map_arg
 from .context import COLLAPSED, KEPT, NEW, PRUNED, REMOVED, REPLACED, Origin, RewriteContext, computed_origin
 from .graph_copy import copy_graph
 from .errors import RewriteError
+from .gcpause import gc_paused
 from .pattern import Match
 from .result import Rejection, RewriteResult, RuleLog
 from .rules import BoundRule, Rule, RuleSet, references
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover - older torch
     _ResultModule = fx.GraphModule
 
 
+@gc_paused
 def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bool = True) -> RewriteResult:
     """Apply ``rules`` in order to a copy of ``gm`` and return the result with its log and provenance.
 
@@ -72,6 +74,7 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
         # a call_module node for a module only ctx.modules has would be refused by fx against it.
         ctx.graph.owning_module = None
         _apply_rule(ctx, bound, rules.max_iterations)
+        ctx.end_rule()
         if ctx.changes != before or ctx.actions_run != acted:
             _validate(ctx, bound, gm, example, touched_before)
     ctx.rule = None

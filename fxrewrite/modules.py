@@ -37,6 +37,7 @@ from .tensors import named_tensors
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # What a folded convolution's weight and bias are computed from (BatchNorm tensor names).
 WEIGHT_SOURCES = ("weight", "running_var")
@@ -112,18 +113,37 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def folded_conv(conv: nn.Module, bn: nn.Module, where: str) -> nn.Module:
-    """A new biased convolution computing ``bn(conv(x))`` (parameters frozen, like the official fuse)."""
+    """A new biased layer computing ``bn(conv(x))`` (parameters frozen, like the official fuse).
+
+    ``conv`` is a ``Conv1d/2d/3d``, a ``ConvTranspose1d/2d/3d`` (whose output channels are the
+    weight's dimension 1, per group) or a ``Linear`` (before a ``BatchNorm1d`` on ``(N, C)``).
+    """
     check_foldable(conv, bn, where)
+    if isinstance(conv, _TRANSPOSED):
+        # weight: (in, out / groups, *k); output channel g * (out / groups) + j is weight[g-th in block, j].
+        w, g = conv.weight, conv.groups
+        per_group = (g, w.shape[0] // g, w.shape[1], *w.shape[2:])  # (groups, in / groups, out / groups, *k)
+        out_first = w.reshape(per_group).transpose(1, 2).reshape(-1, w.shape[0] // g, *w.shape[2:])
+        folded, bias = fold_batchnorm(out_first, conv.bias, bn)
+        weight = folded.reshape(g, w.shape[1], w.shape[0] // g, *w.shape[2:]).transpose(1, 2).reshape(w.shape)
+        return conv_like(conv, weight, bias)
     weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
+    if isinstance(conv, nn.Linear):
+        with torch.device(weight.device):
+            new = nn.Linear(conv.in_features, conv.out_features, bias=True, dtype=weight.dtype)
+        new.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        new.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return new.train(conv.training)
     return conv_like(conv, weight, bias)
 
 
 def conv_like(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """A convolution of ``conv``'s class and geometry with the given weight and a bias, frozen."""
+    extra = {"output_padding": conv.output_padding} if isinstance(conv, _TRANSPOSED) else {}
     with torch.device(weight.device):
         new = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                         padding_mode=conv.padding_mode, dtype=weight.dtype)
+                         padding_mode=conv.padding_mode, dtype=weight.dtype, **extra)
     new.weight = nn.Parameter(weight.detach(), requires_grad=False)
     new.bias = nn.Parameter(bias.detach(), requires_grad=False)
     new.train(conv.training)
@@ -132,17 +152,25 @@ def conv_like(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.M
 
 def check_foldable(conv: nn.Module, bn: nn.Module, where: str) -> None:
     """Raise ``ValueError`` (a message naming ``where``) when ``bn`` cannot be folded into ``conv``."""
-    if not isinstance(conv, _CONVS):
-        raise ValueError(f"{where}: {type(conv).__name__} is not a Conv1d/2d/3d (transposed convolutions "
-                         f"are not folded)")
+    if not isinstance(conv, (*_CONVS, *_TRANSPOSED, nn.Linear)):
+        raise ValueError(f"{where}: {type(conv).__name__} is not a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear")
     if not isinstance(bn, _BATCHNORMS):
         raise ValueError(f"{where}: {type(bn).__name__} is not a BatchNorm")
+    dims = 1 if isinstance(conv, nn.Linear) else len(conv.kernel_size)
+    if type(bn) in _BATCHNORMS and _BATCHNORMS.index(type(bn)) + 1 != dims:
+        raise ValueError(f"{where}: a {type(conv).__name__} is followed by a {type(bn).__name__}, not by a "
+                         f"BatchNorm{dims}d")
+    if bn.training:
+        raise ValueError(f"{where}: the BatchNorm is in training mode: it normalises with each batch's "
+                         f"statistics, so folding its running statistics would change the outputs; "
+                         f"put the model in eval mode (model.eval()) before tracing")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"{where}: the BatchNorm keeps no running statistics (track_running_stats=False); "
                          f"it normalises with batch statistics and cannot be folded")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"{where}: the BatchNorm has {bn.num_features} channels, the convolution "
-                         f"{conv.out_channels} outputs")
+    outputs = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    if bn.num_features != outputs:
+        raise ValueError(f"{where}: the BatchNorm has {bn.num_features} channels, the "
+                         f"{'layer' if isinstance(conv, nn.Linear) else 'convolution'} {outputs} outputs")
 
 
 __all__ = ["copy_module", "set_submodule", "set_forward", "sources_with", "fold_batchnorm", "folded_conv",

@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .graph_copy import copy_graph
 from .errors import RebindError
+from .gcpause import gc_paused
 from .naming import Rename, rename_path
 from .result import RewriteResult
 from .tensors import bind_tensor, named_tensors
@@ -48,6 +49,7 @@ def rename_target(target: str, rename: Rename) -> str:
     return rename_path(target, rename)
 
 
+@gc_paused
 def rebind(result: RewriteResult, rename: Rename | None = None, *, copy: bool = False) -> Rebound:
     """A fresh GraphModule equal in function to ``result.module`` with modules renamed by ``rename``.
 

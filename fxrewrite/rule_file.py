@@ -46,7 +46,7 @@ from .rule_tables import substitute
 from .safe_yaml import MAX_TEXT_CHARS, YamlTooLarge, guarded_load
 from .yaml_lines import LineList, LineLoader, LineMap, kind_of, plain
 from .pattern import Count, Pattern, pattern_keys
-from .rules import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, MODES, Check, Rule, RuleSet
+from .rules import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS_LIMIT, MODES, Check, Rule, RuleSet, duplicate_names
 
 FILE_KEYS = {"rules", "plugins", "max_iterations", "description"}
 RULE_KEYS = {"name", "description", "pattern", "checks", "action", "args", "mode", "table"}
@@ -117,6 +117,7 @@ class _Compiler:
         self.file = file
         self.registry = registry
         self.problems: list[RuleProblem] = []
+        self.named: list[Rule] = []  # every rule with a name, also those with problems (duplicate names)
 
     def error(self, line: int | None, rule: str | None, message: str) -> None:
         self.problems.append(RuleProblem(self.file, line, rule, message))
@@ -156,6 +157,9 @@ class _Compiler:
             return None
         rules = [r for i, item in enumerate(rules_data)
                  for r in self.rules(item, rules_data.item_lines[i] if isinstance(rules_data, LineList) else None)]
+        # A rule with problems is left out of the set, yet its name still counts: a duplicate of it is
+        # reported too (the set reports the duplicates among the others again; _compile keeps one of each).
+        self.problems += [problem for _, problem in duplicate_names(self.named)]
         try:  # also when other rules had problems: every error is reported, not only the first rule's
             ruleset = RuleSet(rules, max_iterations=max_iterations, source=self.file, plugins=tuple(plugins),
                               registry=self.registry)
@@ -238,6 +242,8 @@ class _Compiler:
         description = data.get("description", "")
         if not isinstance(description, str):
             self.error(lines.get("description"), name, "'description' must be a string")
+        if name is not None:
+            self.named.append(Rule(name=name, action="", file=self.file, line=data.line))
         if len(self.problems) > before or name is None:
             return None
         key_lines = dict(lines)
@@ -336,6 +342,7 @@ def _compile(data: Any, label: str, registry: registries.Registry | None = None)
     compiler = _Compiler(label, registry)
     rules = compiler.file_(data)
     if compiler.problems or rules is None:
-        problems = sorted(compiler.problems, key=lambda p: p.line or 0)  # in file order
+        unique = list({str(p): p for p in compiler.problems}.values())  # a duplicate name is found twice
+        problems = sorted(unique, key=lambda p: p.line or 0)  # in file order
         raise RuleFileError(problems or [RuleProblem(label, None, None, "no rules")])
     return rules

@@ -115,7 +115,7 @@ class RuleSet:
         combined = RuleSet([], max(self.max_iterations, other.max_iterations), f"{self.source} + {other.source}",
                            self.plugins + other.plugins, self.registry)
         combined.rules = self.rules + other.rules
-        problems = [problem for _, problem in _duplicate_names(combined.rules)]
+        problems = [problem for _, problem in duplicate_names(combined.rules)]
         if problems:
             raise RuleFileError(problems)
         combined.bound = self.bound + other.bound
@@ -128,7 +128,7 @@ class RuleSet:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_ITERATIONS_LIMIT:
             problems.append(RuleProblem(self.source, None, None, f"max_iterations must be an integer from 1 to "
                                                                  f"{MAX_ITERATIONS_LIMIT}, not {limit!r}"))
-        duplicates = dict(_duplicate_names(self.rules))
+        duplicates = dict(duplicate_names(self.rules))
         bound = []
         for i, rule in enumerate(self.rules):
             if i in duplicates:
@@ -231,7 +231,7 @@ def _arguments(spec: ActionSpec, given: Mapping[str, Any], registry: Registry) -
     return args, problems
 
 
-def _duplicate_names(rules: Sequence[Rule]) -> list[tuple[int, RuleProblem]]:
+def duplicate_names(rules: Sequence[Rule]) -> list[tuple[int, RuleProblem]]:
     """(position, problem) for each rule named like an earlier rule of the same file."""
     first: dict[tuple[str, str], Rule] = {}
     problems = []

@@ -38,11 +38,17 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
+from .gcpause import gc_paused
 from .naming import class_matches, glob_matches
 from .provenance import META_KEY, Provenance
 from .shapes import propagate_shapes
 
 TRACE_META = "fxrewrite.trace"
+
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule
+except ImportError:  # pragma: no cover - older torch
+    _TracedModule = fx.GraphModule
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,14 @@ class TraceReport:
 
     policy: LeafPolicy
     auto_leaves: dict[str, str] = field(default_factory=dict)  # qualified name -> why it could not be traced
+    # Tensors the root's own forward computed while tracing (``_tensor_constant0``...) -> the buffers
+    # it had read before: they are *computed* tensors (their ``param_map`` origin is that tuple).
+    constants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class TraceTimeConstant(Exception):
+    """Raised inside a module traced through when its forward computes a tensor at trace time (from
+    its buffers, or a fresh tensor): the module becomes a leaf, so its tensors stay its own."""
 
 
 class ProvenanceTracer(fx.Tracer):
@@ -97,14 +111,38 @@ class ProvenanceTracer(fx.Tracer):
         self.auto_leaf = auto_leaf
         self.auto_leaves: dict[str, str] = {}
         self._param_cache: dict[str, Any] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.auto_leaves or self.policy.is_leaf(m, module_qualified_name)
+        self._through: list[str] = []  # the modules being traced through, innermost last
+        self._buffer_names: dict[int, str] | None = None
+        self._buffers_read: list[str] = []  # buffers the traced code read (concrete values), in order
+        self.constants: dict[str, tuple[str, ...]] = {}  # trace-time constant -> buffers read before it
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         # Remember the cache so that a rolled-back attempt can drop proxies of erased nodes.
         self._param_cache = parameter_proxy_cache
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
+            if self._buffer_names is None:  # once per trace: a name for every buffer of the root
+                self._buffer_names = {id(t): name for name, t in self.root.named_buffers()}
+            name = self._buffer_names.get(id(attr_val))
+            if name is not None:
+                self._buffers_read.append(name)
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any):
+        # fx stores a tensor computed at trace time as a new attribute ``_tensor_constant<N>`` of the
+        # root (trace() gives it a copy of the user's root, so the user's model is never touched).
+        # Inside a module traced through, that module becomes a leaf instead: its forward computes
+        # from its own buffers (a frozen BatchNorm), and as a leaf those stay its tensors, exactly.
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs:
+            if self._through and self.auto_leaf:
+                raise TraceTimeConstant(f"computes a tensor at trace time (shape {tuple(a.shape)}) from "
+                                        f"its buffers or from constants; kept whole so its tensors stay its own")
+            node = super().create_arg(a)
+            self.constants[node.target] = tuple(dict.fromkeys(self._buffers_read))
+            return node
+        return super().create_arg(a)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.auto_leaves or self.policy.is_leaf(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -113,12 +151,18 @@ class ProvenanceTracer(fx.Tracer):
         last_node = self.graph._root.prev  # the newest node before this attempt
         stack_keys = list(self.module_stack)
         calls = dict(self.num_calls)
+        reads = len(self._buffers_read)
+        self._through.append(qualname)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # any failure while tracing through: make it a leaf
             self._roll_back(last_node, stack_keys, calls)
+            del self._buffers_read[reads:]
             self.auto_leaves[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
             return super().call_module(m, forward, args, kwargs)
+        finally:
+            if self._through and self._through[-1] == qualname:
+                self._through.pop()
 
     def _roll_back(self, last_node: fx.Node, stack_keys: list[str], calls: dict[str, int]) -> None:
         """Undo a failed attempt: erase its nodes, restore the module stack and call counts."""
@@ -139,6 +183,7 @@ class ProvenanceTracer(fx.Tracer):
         self.num_calls.update(calls)
 
 
+@gc_paused
 def trace(
     module: nn.Module,
     *example_inputs: Any,
@@ -160,22 +205,43 @@ def trace(
     ``node.meta["tensor_meta"]`` (shape, dtype); the inputs are kept in
     ``gm.meta`` so that later rewrites can re-check shapes.
 
-    The module is traced in its current mode (``train()``/``eval()``); it is not modified.
+    The module is traced in its current mode (``train()``/``eval()``); it is not modified: fx
+    stores tensors computed at trace time as attributes of the root it traces, so it traces a
+    copy of the root object (same submodules and tensors). A submodule whose forward computes
+    such a tensor (from its buffers: a frozen BatchNorm) becomes a leaf with ``auto_leaf``; one
+    the root's own forward computes is a *computed* tensor of the result
+    (``gm.meta["fxrewrite.trace"].constants``: its name -> the buffers read before it).
     """
     policy = LeafPolicy(tuple(leaf_classes), tuple(leaf_names), max_depth, torch_builtins)
     tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
-    graph = tracer.trace(module, concrete_args=concrete_args)
+    graph = tracer.trace(_shallow_copy(module), concrete_args=concrete_args)
     if concrete_args:
         _drop_concrete_guards(graph)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+    # Lazy: its Python code is generated on first use (a call, .code, print), not here: most traces are
+    # rewritten before anything runs them, and code generation costs a fifth of a large trace.
+    gm = _TracedModule(tracer.root, graph, class_name=type(module).__name__)
     root_class = type(module).__name__
     modules = dict(module.named_modules())
     for node in gm.graph.nodes:
         node.meta[META_KEY] = Provenance(*_owner(node, modules, root_class), origins=(node.name,))
-    gm.meta[TRACE_META] = TraceReport(policy, dict(tracer.auto_leaves))
+    read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    gm.meta[TRACE_META] = TraceReport(policy, dict(tracer.auto_leaves),
+                                      {name: origins for name, origins in tracer.constants.items() if name in read})
     if example_inputs:
         propagate_shapes(gm, *example_inputs)
     return gm
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new object of ``module``'s class sharing its attributes, submodules and tensors, with its own
+    registries: what fx adds to the root while tracing (``setattr(root, "_tensor_constant0", t)``)
+    lands on it, never on the user's module."""
+    root = type(module).__new__(type(module))
+    root.__dict__.update(module.__dict__)
+    for key, value in module.__dict__.items():
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            root.__dict__[key] = type(value)(value)
+    return root
 
 
 def _drop_concrete_guards(graph: fx.Graph) -> None:
@@ -215,4 +281,4 @@ def is_traced(gm: Any) -> bool:
     return isinstance(gm, fx.GraphModule) and TRACE_META in getattr(gm, "meta", {})
 
 
-__all__ = ["LeafPolicy", "TraceReport", "ProvenanceTracer", "trace", "is_traced"]
+__all__ = ["LeafPolicy", "TraceReport", "TraceTimeConstant", "ProvenanceTracer", "trace", "is_traced"]

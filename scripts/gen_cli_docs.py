@@ -27,7 +27,7 @@ HEADER = """\
      Regenerate with `python3 scripts/gen_cli_docs.py`; tests/test_docs.py checks it is current. -->
 
 Every command, with its options, as `fxrewrite COMMAND --help` describes it. Core commands:
-`demo`, `rules`; the YOLOv9 plug-in adds `convert`, `draw` and `export`. Errors print one
+`demo`, `rules`, `rewrite` (rule files on any torch model); the YOLOv9 plug-in adds `convert`, `draw` and `export`. Errors print one
 line, `fxrewrite: error: ...`, to stderr and exit with status 1 (2 for a usage error);
 nothing is left half-written. The rule language is documented in [rules.md](rules.md).
 """

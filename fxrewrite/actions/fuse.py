@@ -41,13 +41,14 @@ True
 """
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from ..context import COLLAPSED, RewriteContext
 from ..modules import (BIAS_SOURCES, WEIGHT_SOURCES, check_foldable, conv_like, copy_module, fold_batchnorm,
                        folded_conv, set_forward, set_submodule, sources_with)
 from ..pattern import Match
 from ..registry import BUILTINS, Param, register_action
+from ..shapes import shape_of
 from ..tensors import named_tensors
 
 
@@ -86,6 +87,11 @@ def fold_batchnorm_action(ctx: RewriteContext, match: Match, *, conv: fx.Node, b
     if bn.args[:1] != (conv,) or len(conv.users) != 1:
         ctx.refuse(f"{bn.name} must read {conv.name}, and nothing else may read it")
     old_conv, old_bn = ctx.module(conv), ctx.module(bn)
+    shape = shape_of(conv)
+    if isinstance(old_conv, nn.Linear) and shape is not None and len(shape) != 2:
+        # BatchNorm1d normalises dimension 1: the Linear's features only when its output is (N, C).
+        ctx.refuse(f"{conv.target} -> {bn.target}: the Linear's output has shape {tuple(shape)}; its features "
+                   f"are the BatchNorm's channels only when it is (N, C)")
     try:
         fused = folded_conv(old_conv, old_bn, f"{conv.target} -> {bn.target}")
     except ValueError as exc:

@@ -100,9 +100,9 @@ STEP_OF = {
     "tracing": "trace", "provenance": "trace", "shapes": "trace",
     "pattern": "match", "rule_file": "match", "rule_tables": "match", "yaml_lines": "match", "rules": "match",
     "registry": "match", "checks": "match",
-    "context": "act", "graph_copy": "act", "actions": "act", "modules": "act",
+    "context": "act", "call_sites": "act", "graph_copy": "act", "actions": "act", "modules": "act",
     "engine": "validate", "result": "validate",
-    "rebind": "rebind", "verify": "verify", "draw": "draw", "nxgraph": "draw", "cli": "cli",
+    "rebind": "rebind", "verify": "verify", "draw": "draw", "nxgraph": "draw", "cli": "cli", "gcpause": "shared", "rewrite_cli": "cli",
 }
 LAZY_UPWARD = {("fxrewrite.result", "fxrewrite.draw")}
 

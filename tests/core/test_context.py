@@ -127,7 +127,9 @@ def test_misuse_is_refused_with_a_reason(scope, model, call, message):
     assert str(info.value) == f"rule 'r': {message}"
 
 
-def test_set_module_of_a_module_called_twice_is_refused(scope):
+def test_set_module_of_a_module_called_twice(scope):
+    # Every call site replaced by equivalent modules: the module is replaced once (fxrewrite.call_sites);
+    # only one of them: that one gets its own module, the other keeps the original.
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -137,7 +139,18 @@ def test_set_module_of_a_module_called_twice_is_refused(scope):
             return self.lin(self.lin(x))
 
     register_action("test_ctx_swap")(lambda ctx, match: ctx.set_module(match.root, nn.Identity(), {}))
-    gm = fxrewrite.trace(Twice(), X)
-    with pytest.raises(RewriteError, match="^rule 'r': module lin is called by several nodes; cannot replace it "
-                                           "for one$"):
-        fxrewrite.rewrite(gm, [Rule("r", "test_ctx_swap", Pattern(module_name="lin"))])
+    model = Twice()
+    gm = fxrewrite.trace(model, X)
+    result = fxrewrite.rewrite(gm, [Rule("r", "test_ctx_swap", Pattern(module_name="lin"))])
+    assert [(n.name, n.target) for n in result.module.graph.nodes if n.op == "call_module"] == [
+        ("lin", "lin"), ("lin_1", "lin")]
+    assert type(result.module.lin) is nn.Identity and result.param_map == {}
+    assert result.log[0].dropped == ["lin.weight", "lin.bias"]
+    first = Pattern(module_name="lin", inputs=[Pattern(op="placeholder")])
+    result = fxrewrite.rewrite(gm, [Rule("r", "test_ctx_swap", first)])
+    assert [(n.name, n.target) for n in result.module.graph.nodes if n.op == "call_module"] == [
+        ("lin", "lin_1"), ("lin_1", "lin")]
+    assert type(result.module.lin_1) is nn.Identity and result.module.lin is model.lin
+    assert result.param_map == {"lin.weight": "lin.weight", "lin.bias": "lin.bias"}
+    assert result.log[0].dropped == []
+    assert torch.equal(result.module(X), model.lin(X))

@@ -79,8 +79,7 @@ def test_without_a_forward_the_block_keeps_its_own_and_fails_without_its_bn():
 
 @pytest.mark.parametrize("args, message", [
     ({"bn": "norm"}, "rule 'fuse': Block has no attribute `norm`"),
-    ({"conv": "act", "bn": "bn"}, "rule 'fuse': 0 (Block): SiLU is not a Conv1d/2d/3d (transposed convolutions are "
-                                  "not folded)"),
+    ({"conv": "act", "bn": "bn"}, "rule 'fuse': 0 (Block): SiLU is not a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear"),
     ({"forward": "forward_nothing"}, "rule 'fuse': Block has no method 'forward_nothing' to use as forward"),
 ])
 def test_what_cannot_be_fused_is_refused(args, message):
