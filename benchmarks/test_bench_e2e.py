@@ -159,7 +159,7 @@ def test_conversion_stage(benchmark, best_pt, variant):
 
     official()  # the official classes importable, as in the notebook
     src = best_pt[variant]
-    ours = load_checkpoint(src, mmap=True).model  # as `fxrewrite convert` loads
+    ours = load_checkpoint(src, dtype=None).model  # as `fxrewrite convert` loads: the weights as stored
     theirs = torch.load(src, map_location="cpu", weights_only=False)["model"].float()  # as the notebook's copy reads
     times = {"fxrewrite": [], "notebook": []}
     ratios = []
