@@ -1,7 +1,7 @@
 """Converting a yolov9-e training checkpoint end to end: fxrewrite vs the official notebook's method.
 
-Both sides read the same checkpoint with the same safe loader (as the CLI loads it: fp32,
-tensor data mapped from the file) and write with the same saver; in between, fxrewrite traces, rewrites and re-binds tensors by provenance
+Both sides read the same checkpoint with the same safe loader (as the CLI loads it: the
+weights as stored, fp16) and write with the same saver; in between, fxrewrite traces, rewrites and re-binds tensors by provenance
 (sharing them with the loaded model), while the baseline does what
 tools/reparameterization.ipynb does: build gelan-e from its config (allocating and
 initialising a second model), copy every tensor by hard-coded index offsets, and save.
@@ -38,8 +38,8 @@ def yolov9_e_checkpoint(tmp_path_factory):
 
 
 def load(src):
-    """As ``fxrewrite convert`` loads: weights mapped from the file, converted to fp32."""
-    return load_checkpoint(src, mmap=True)
+    """As ``fxrewrite convert`` loads: the weights as stored (fp16), read into memory."""
+    return load_checkpoint(src, dtype=None)
 
 
 def fxrewrite_pipeline(src, out):

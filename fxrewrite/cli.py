@@ -1,7 +1,13 @@
 """The ``fxrewrite`` command line.
 
 Core commands live here (``demo``, ``rules``; ``rewrite`` in :mod:`fxrewrite.rewrite_cli`); plug-ins add theirs (the YOLOv9
-plug-in adds ``convert``) through a ``register_cli(subparsers)`` function.
+plug-in adds ``convert``, ``draw``, ``export``). A plug-in declares each command
+under the ``fxrewrite.commands`` entry-point group as ``name = "module:register"``,
+``register(subparsers)`` adding its subparser; only the code of the command that
+runs is imported (``fxrewrite convert`` never imports the ONNX exporter, ``fxrewrite
+rules`` no plug-in at all unless it needs one). A plug-in that declares no command
+there may still add its commands through a ``register_cli(subparsers)`` function
+(loaded for ``--help`` and for a command nothing declares).
 Errors fxrewrite knows about print one line to stderr and exit with status 1
 (2 for usage errors); nothing is left half-written.
 """
@@ -9,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from typing import Sequence
 
 from . import registry
 from .errors import FxRewriteError
 
+COMMAND_GROUP = "fxrewrite.commands"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command=next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -31,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: every command, or with ``command`` (the one about to run) the core
+    commands and that command only, so that no other plug-in code is imported."""
     parser = argparse.ArgumentParser(prog="fxrewrite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -45,11 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .rewrite_cli import register as register_rewrite  # light: its imports happen when it runs
     register_rewrite(sub)
 
-    for name in registry.plugin_names():
+    _add_plugin_commands(sub, command)
+    return parser
+
+
+def _add_plugin_commands(sub, command: str | None) -> None:
+    if command is not None and command in sub.choices:
+        return  # a core command
+    declared = {ep.name: ep for ep in metadata.entry_points(group=COMMAND_GROUP)}
+    plugins = {ep.name: ep.value for ep in metadata.entry_points(group=registry.PLUGIN_GROUP)}
+
+    def owner(ep) -> str | None:  # the plug-in whose package holds the command's code
+        return next((name for name, module in plugins.items()
+                     if ep.module == module or ep.module.startswith(module + ".")), None)
+
+    chosen = [declared[command]] if command in declared else list(declared.values())
+    for ep in chosen:
+        if owner(ep) is not None:
+            registry.load_plugin(owner(ep))  # its classes and actions registered where plug-ins go
+        ep.load()(sub)
+    if command in declared:
+        return
+    with_commands = {owner(ep) for ep in declared.values()}
+    for name in sorted(set(plugins) - with_commands):  # plug-ins adding commands the older way
         plugin = registry.load_plugin(name)
         if hasattr(plugin, "register_cli"):
             plugin.register_cli(sub)
-    return parser
 
 
 def _demo(args) -> int:
@@ -76,6 +109,7 @@ def _rules(args) -> int:
     from . import load_rules
     from .rule_file import shipped_rules_dir
 
+    registry.load_all_plugins()  # what is installed: the plug-ins' actions and checks too
     if not args.files:
         print("actions:", ", ".join(registry.action_names()))
         print("checks:", ", ".join(registry.check_names()))

@@ -64,7 +64,7 @@ class _ShapeProp(ShapeProp):
         def extract(obj: Any) -> Any:
             if isinstance(obj, torch.Tensor):
                 found.append(True)
-                return _extract_tensor_metadata(obj)
+                return tensor_metadata(obj)
             return obj
 
         meta = map_aggregate(result, extract)
@@ -82,6 +82,24 @@ class _ShapeProp(ShapeProp):
             self.values = None  # too big to keep: later checks propagate the whole graph again
         else:
             self.values[n.name] = result
+
+
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """``TensorMetadata`` of a tensor, as torch.fx's ``ShapeProp`` records it.
+
+    For a plain dense tensor it is read with the C-implemented ``is_contiguous``: torch's
+    ``_extract_tensor_metadata`` asks its symbolic-shape helpers, whose first call imports
+    sympy (a second or more, for values it only needs with symbolic shapes). Anything else
+    (sparse, quantized, fake or other subclass tensors) goes to torch's own function.
+    """
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter or t.layout != torch.strided \
+            or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    memory_format = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None) -> Any:

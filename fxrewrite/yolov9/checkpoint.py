@@ -414,6 +414,11 @@ def _fp16_copy(model: nn.Module, official_names: dict[type, str], half: bool = T
 
     frozen = clone_module(model, tensor_fn=frozen_tensor)  # new modules: the caller's are never touched
     frozen = frozen.half() if half else frozen.float()  # also the head's plain stride/anchor tensors
+    stride = frozen.__dict__.get("stride")
+    if isinstance(stride, torch.Tensor) and stride.is_floating_point() and stride.dtype != torch.float32:
+        # The official layout: half() converts the head's strides, the model's own stays fp32 (a model
+        # loaded in fp16 shares one stride tensor between the two).
+        frozen.stride = stride.float()
     for p in frozen.parameters():
         p.requires_grad_(False)
     for m in frozen.modules():

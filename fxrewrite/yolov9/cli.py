@@ -134,6 +134,12 @@ def verification_image(model: torch.nn.Module, size: tuple[int, int], batch: int
 
 # -- the commands ------------------------------------------------------------------------
 def register(subparsers) -> None:
+    """Add ``convert`` and ``draw``."""
+    register_convert(subparsers)
+    register_draw(subparsers)
+
+
+def register_convert(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a YOLOv9 training checkpoint (auxiliary branch) into its GELAN inference model",
         description=__doc__.splitlines()[0])
@@ -163,6 +169,8 @@ def register(subparsers) -> None:
     add_random_weight_options(p)
     p.set_defaults(func=run)
 
+
+def register_draw(subparsers) -> None:
     d = subparsers.add_parser(
         "draw", help="draw a YOLOv9 model's graph before/after conversion, with the difference marked",
         description="Draw the graph of a YOLOv9 training model and what the conversion rules do to it. "
@@ -226,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(outputs, args, inputs)  # refuse before doing any work; nothing is created yet
     started = time.perf_counter()
     rules = _rule_set(args.rules)
-    model, origin = load_model(args)
+    model, origin = load_model(args, stored_precision=not (args.verify or args.fuse or args.safetensors))
     size = image_size(model, args.imgsz)  # before the conversion
     try:
         conversion = convert(model, rules)
@@ -335,9 +343,17 @@ def _outputs(args) -> dict[str, Path]:
     return found
 
 
-def load_model(args) -> tuple[torch.nn.Module, str]:
+def load_model(args, *, stored_precision: bool = False) -> tuple[torch.nn.Module, str]:
     """The model a command reads: built from ``--config`` with random weights (seed ``--seed``), or
-    loaded safely from the input checkpoint; returns it in eval mode and a line saying where it came from."""
+    loaded safely from the input checkpoint (fp32); returns it in eval mode and a line saying where it
+    came from.
+
+    With ``stored_precision`` a checkpoint's weights stay as stored (fp16 for a ``best.pt``): for a
+    command that only rearranges and writes them. Converting to fp32 and back is exact, so it would
+    only copy every weight twice; verification, fusion and safetensors (which keeps the model's
+    dtype) need fp32. The data is then read into memory rather than mapped: the outputs are written
+    from it at the end, and a mapping would follow later changes of the input file.
+    """
     if args.config:
         from .config import ConfigError, load_config
         from .model import model_class_for
@@ -357,7 +373,10 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(args.input, mmap=True)  # tensor data is read once, while converting to fp32
+    if stored_precision:
+        loaded = load_checkpoint(args.input, dtype=None)
+    else:
+        loaded = load_checkpoint(args.input, mmap=True)  # tensor data is read once, while converting to fp32
     stored = str(loaded.stored_dtype).replace("torch.", "") if loaded.stored_dtype else "unknown dtype"
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 

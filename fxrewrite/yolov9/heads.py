@@ -123,8 +123,12 @@ class DFL(nn.Module):
     def __init__(self, c1=17):
         super().__init__()
         self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+        # The bins are made on the CPU whatever device the layer is built on: a factory call on the meta
+        # device (rules size new heads there) runs torch's Python decompositions, whose first use imports
+        # torch._dynamo and sympy (seconds), for 17 numbers.
+        bins = torch.arange(c1, dtype=torch.float, device="cpu").view(1, c1, 1, 1)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1))
+            self.conv.weight.copy_(bins)
         self.c1 = c1
 
     def forward(self, x):

@@ -477,8 +477,8 @@ def test_missing_dot_is_one_line_at_the_cli(demo, tmp_path, no_dot, monkeypatch,
 
     build = cli.build_parser
 
-    def parser_with_draw():
-        parser = build()
+    def parser_with_draw(command=None):
+        parser = build(command)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         draw = sub.add_parser("draw-test")
         draw.set_defaults(func=lambda args: draw_rewrite(demo).save(tmp_path / "x.svg"))
