@@ -47,3 +47,22 @@ def test_propagating_shapes_does_not_import_sympy():
             "print([fxrewrite.shape_of(n) for n in gm.graph.nodes][-1], 'sympy' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["(1,", "4,", "6,", "6)", "False"]
+
+
+def test_propagating_shapes_restores_the_thread_count_even_when_a_node_fails():
+    from torch import fx, nn
+
+    from fxrewrite.shapes import ShapePropagationError, propagate_shapes, shape_of
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)))
+        propagate_shapes(gm, torch.randn(2, 3, 8, 8))
+        assert torch.get_num_threads() == 2
+        assert [shape_of(n) for n in gm.graph.nodes if n.op == "call_module"] == [(2, 4, 6, 6), (2, 144), (2, 5)]
+        with pytest.raises(ShapePropagationError):
+            propagate_shapes(gm, torch.randn(2, 3, 9, 9))  # the Linear gets 196 features, not 144
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
