@@ -104,6 +104,8 @@ def input_files(args: argparse.Namespace) -> list[Path]:
         files.append(Path(args.input))
     if getattr(args, "config", None):
         files.append(resolve_config_path(args.config))  # a shipped name is read from the package
+    if getattr(args, "code", None):
+        files.append(Path(args.code))  # a folder: no output may be inside the trusted source tree
     for name in getattr(args, "rules", None) or ():
         path = Path(name)
         shipped = shipped_rules_dir() / f"{name}.yaml"
@@ -142,6 +144,10 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", metavar="OUT.pt", help="the converted checkpoint (required unless --dry-run)")
     p.add_argument("--rules", nargs="+", metavar="FILE",
                    help="rule files to apply instead of the shipped yolov9 rules (shipped names work: yolov9)")
+    p.add_argument("--code", metavar="PATH",
+                   help="the trusted source tree IN.pt was trained with (the folder that holds models/, e.g. "
+                        "'--code .' inside a fork): every class the checkpoint names is imported from it, the "
+                        "rules build its classes, and OUT.pt pickles them at their module paths")
     p.add_argument("--verify", action="store_true",
                    help="before writing, compare the converted model with the training model's main output on a "
                         "random image (must be bitwise equal; with --fuse the fused model must be within the fp32 "
@@ -222,11 +228,25 @@ def run(args: argparse.Namespace) -> int:
     outputs = _outputs(args)
     _check_outputs(outputs, args, inputs)  # refuse before doing any work; nothing is created yet
     started = time.perf_counter()
-    rules = _rule_set(args.rules)
-    model, origin = _load(args)
+    if args.code and args.config:
+        raise OptionError("--code goes with a checkpoint (IN.pt), not with --config")
+    classes = None
+    if args.code:
+        from .fork import CodeTree, fork_classes_of
+
+        tree = CodeTree(args.code)
+        model, origin = _load(args, tree)
+        classes = fork_classes_of(model, tree)
+        from ..registry import using
+
+        with using(classes.registry()):  # a rule file may name the fork's own classes
+            rules = _rule_set(args.rules)
+    else:
+        rules = _rule_set(args.rules)
+        model, origin = _load(args)
     size = image_size(model, args.imgsz)  # before the conversion
     try:
-        conversion = convert(model, rules)
+        conversion = convert(model, rules, classes=classes)
     except ConversionError as exc:
         if "nothing to convert" in str(exc):
             print(f"{args.input or args.config}: {exc}; nothing written")
@@ -239,9 +259,12 @@ def run(args: argparse.Namespace) -> int:
         report = conversion.verify(x)
         print(f"verify: {size[0]}x{size[1]} random image, converted vs training main output: {report.summary()}")
         reports.append(("converted vs training main output", report))
-        conversion.check_config()
+        notes = conversion.check_config()
         print(f"verify: the derived config builds exactly the converted model's "
               f"{len(conversion.model.state_dict()):,} tensors (names and shapes)")
+        for note in notes:  # settings a config cannot say: the converted model keeps the checkpoint's
+            print(f"verify: note: the converted model keeps its own settings where the derived config would "
+                  f"build others: {note}")
     if args.fuse:
         conversion, fused_report = _fused(conversion, args, size)
         if fused_report is not None:
@@ -332,7 +355,7 @@ def _outputs(args) -> dict[str, Path]:
     return found
 
 
-def _load(args) -> tuple[torch.nn.Module, str]:
+def _load(args, code=None) -> tuple[torch.nn.Module, str]:
     if args.config:
         from .model import ConfigError, DetectionModel, SegmentationModel
         from .config import load_config
@@ -352,7 +375,7 @@ def _load(args) -> tuple[torch.nn.Module, str]:
         return model.eval(), f"random weights (seed {args.seed}) built from config {args.config}"
     from .checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(args.input, mmap=True)  # tensor data is read once, while converting to fp32
+    loaded = load_checkpoint(args.input, mmap=True, code=code)  # tensor data is read once, while converting to fp32
     stored = str(loaded.stored_dtype).replace("torch.", "") if loaded.stored_dtype else "unknown dtype"
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 
@@ -422,7 +445,7 @@ def _write(c: Conversion, outputs: dict[str, Path], args, inputs: list) -> list[
     extra = {"fxrewrite": {"converted_from": str(args.input or args.config), "layer_map": c.layer_map,
                            "fused": bool(getattr(args, "fuse", False))}}
     contents: dict[str, object] = {
-        "pt": checkpoint_writer(c.model, str(outputs["pt"]), half=not args.fp32, **extra),
+        "pt": checkpoint_writer(c.model, str(outputs["pt"]), half=not args.fp32, classes=c.classes, **extra),
         "yaml": yaml.safe_dump(c.config, sort_keys=False).encode(),
     }
     if "safetensors" in outputs:  # OUT.yaml is then the config the safetensors file is described by
