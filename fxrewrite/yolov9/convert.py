@@ -161,10 +161,23 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
     head = type(layers[-1]).__name__
     if classes is None and is_fork_model(model):
         classes = fork_classes_of(model)
-    if classes is not None:
-        with classes.active():
+    if classes is None:
+        return _convert(model, rules, example_size, None, head, layers)
+    from ..errors import RewriteError
+    from .fork import missing_class_in
+
+    with classes.active():
+        try:
             return _convert(model, _fork_rules(rules, classes), example_size, classes, head, layers)
-    return _convert(model, rules, example_size, None, head, layers)
+        except RewriteError as exc:
+            missing = missing_class_in(exc)
+            if missing is None:
+                raise
+            raise ConversionError(
+                f"rule '{exc.rule}' replaces the {head} head with a {missing.name}, but {missing}; fxrewrite's own "
+                f"{missing.name} would compute something else. Write a rule that replaces {head} with the fork's "
+                "single-branch head (cookbook: rules/examples/fork-renamed-head.yaml) and pass it with "
+                "--rules FILE yolov9") from None
 
 
 def _fork_rules(rules: RuleSet | None, classes: Any) -> RuleSet:
@@ -301,8 +314,9 @@ def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, 
         old_from = f_old if isinstance(f_old, list) else [f_old]
         new_from = []
         for pos, j in enumerate(inputs):
-            was_relative = not replaced and pos < len(old_from) and old_from[pos] == -1
-            new_from.append(-1 if j == -1 or (was_relative and j == k - 1) else j)
+            relative = old_from[pos] if not replaced and pos < len(old_from) and old_from[pos] < 0 else None
+            # a relative `from` (-1, -2 ...) stays relative where it still points at the same input
+            new_from.append(-1 if j == -1 else relative if relative is not None and j == k + relative else j)
         if replaced and classes is not None and not type(result.module.get_submodule(node.target)).__module__.startswith(
                 "torch.nn."):  # the fork's builder names its classes by class name
             module = type(result.module.get_submodule(node.target)).__name__

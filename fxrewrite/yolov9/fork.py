@@ -230,18 +230,53 @@ class ForkClasses:
 
     def registry(self, parent: Registry | None = None) -> Registry:
         """A child of ``parent`` (default: the default registry) in which every class name of the
-        fork's modules means the fork's class (``DDetect`` is the fork's, not fxrewrite's twin)."""
+        fork's modules means the fork's class (``DDetect`` is the fork's, not fxrewrite's twin), and
+        a YOLOv9 class name the fork does not define means a class that refuses to be built
+        (:class:`MissingForkClass`): fxrewrite's twin would compute something else."""
         scope = Registry("fork", parent=parent or DEFAULT)
         for module in self.modules:
             for name, obj in vars(module).items():
                 if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__ \
                         and scope.module_class(name) is not obj:
                     scope.add_module_class(obj, name, replace=True)
+        for name in scope.module_class_names():
+            cls = scope.module_class(name)
+            if cls is not None and cls.__module__.startswith("fxrewrite.yolov9.") and self.find(name) is None:
+                scope.add_module_class(_missing_class(name, self.modules), name, replace=True)
         return scope
 
     def active(self) -> contextlib.AbstractContextManager:
         """While the fork's code runs (tracing, building, pickling): its tree's modules in place."""
         return self.tree.imported() if self.tree is not None else contextlib.nullcontext()
+
+
+class MissingForkClass(FxRewriteError, ValueError):
+    """A rule would build a YOLOv9 class that the fork's code does not define."""
+
+    def __init__(self, name: str, where: str):
+        self.name = name
+        super().__init__(f"the fork's code ({where}) defines no class {name}")
+
+
+def _missing_class(name: str, modules: list[types.ModuleType]) -> type[nn.Module]:
+    """A stand-in for a class the fork lacks: building it raises :class:`MissingForkClass`."""
+    where = ", ".join(m.__name__ for m in modules) or "its modules"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise MissingForkClass(name, where)
+
+    return type(name, (nn.Module,), {"__init__": __init__, "__module__": __name__})
+
+
+def missing_class_in(exc: BaseException) -> MissingForkClass | None:
+    """The :class:`MissingForkClass` behind an error (a rule's ``replace`` reports it as its own error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MissingForkClass):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def fork_classes_of(model: nn.Module, tree: CodeTree | None = None) -> ForkClasses:

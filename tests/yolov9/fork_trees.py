@@ -442,3 +442,139 @@ for name, tree, src, out, towers, image, main_path in json.loads(sys.argv[1]):
     sys.path.remove(tree)
 print(json.dumps(report))
 '''
+
+#: The forks' own blocks (models/common.py additions): what the issue's case 1 lists, and more.
+EXTRA_COMMON = '''
+
+class RepBlock(nn.Module):
+    """Multi-branch: 3x3 and 1x1 convolutions and (same width) a BatchNorm of the input, summed."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.dense = Conv(c1, c2, 3, act=False)
+        self.point = Conv(c1, c2, 1, act=False)
+        self.identity = nn.BatchNorm2d(c1) if c1 == c2 else None
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        y = self.dense(x) + self.point(x)
+        return self.act(y + self.identity(x) if self.identity is not None else y)
+
+
+class Attention(nn.Module):
+    """Channel then spatial attention around a residual convolution."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        hidden = max(c2 // 8, 4)
+        self.cv = Conv(c1, c2, 3)
+        self.fc1, self.fc2 = nn.Conv2d(c2, hidden, 1), nn.Conv2d(hidden, c2, 1)
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        self.add = c1 == c2
+
+    def forward(self, x):
+        y = self.cv(x)
+        avg, peak = y.mean((2, 3), keepdim=True), y.amax((2, 3), keepdim=True)
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(avg))) + self.fc2(F.relu(self.fc1(peak))))
+        y = y * torch.sigmoid(self.spatial(torch.cat((y.mean(1, keepdim=True), y.amax(1, keepdim=True)), 1)))
+        return x + y if self.add else y
+
+
+class HyperConv(nn.Module):
+    """Vertices and one global hyperedge: a pointwise convolution plus a pooled one, broadcast back."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.vertex = Conv(c1, c2, 1)
+        self.edge = nn.Conv2d(c1, c2, 1)
+
+    def forward(self, x):
+        return self.vertex(x) + self.edge(F.adaptive_avg_pool2d(x, 1))
+
+
+class Pyramid(nn.Module):
+    """A backbone stage returning a list of feature maps (stride 2 and 4 of its input)."""
+
+    def __init__(self, c1, c2s):
+        super().__init__()
+        self.a = Conv(c1, c2s[0], 3, 2)
+        self.b = Conv(c2s[0], c2s[1], 3, 2)
+
+    def forward(self, x):
+        p = self.a(x)
+        return [p, self.b(p)]
+
+
+class Index(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x[self.k]
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class DomainClassifier(nn.Module):
+    """Side branch: which domain a feature map comes from, behind a gradient-reversal layer."""
+
+    def __init__(self, c1, n):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c1, n)
+
+    def forward(self, x):
+        return self.fc(self.pool(GradReverse.apply(x)).flatten(1))
+
+
+class Shrink(nn.Module):
+    """Keeps the values farther than a threshold from a learnt centre (a distance compared in fp16 files)."""
+
+    def __init__(self, c1, threshold=0.05):
+        super().__init__()
+        self.center = nn.Parameter(torch.randn(1, c1, 1, 1) * 0.1)
+        self.threshold = threshold
+
+    def forward(self, x):
+        return torch.where((x - self.center).abs() > self.threshold, x, torch.zeros_like(x))
+
+
+class Mixer(nn.Module):
+    """Config arguments no other code base understands: a dict, a string, a number."""
+
+    def __init__(self, c1, spec, act, ratio):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c1, c1, k, padding=k // 2, groups=c1) for k in spec["k"])
+        self.act = nn.GELU() if act == "gelu" else nn.SiLU()
+        self.ratio = ratio
+
+    def forward(self, x):
+        return x + self.ratio * self.act(sum(conv(x) for conv in self.convs))
+'''
+
+#: How the forks' builder knows their blocks (models/yolo.py additions).
+EXTRA_YOLO = '''
+
+CHANNEL_BLOCKS = CHANNEL_BLOCKS + (RepBlock, Attention, HyperConv)
+
+
+def BUILD_OTHER(m, f, args, ch, gw):
+    c1 = ch[f if isinstance(f, int) else f[0]]
+    if m in (Pyramid, DomainClassifier):
+        args.insert(0, c1)
+        return args[1]
+    if m is Index:
+        return c1[args[0]]
+    if m in (Shrink, Mixer):
+        args.insert(0, c1)
+    return c1
+'''

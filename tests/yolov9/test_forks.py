@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from fork_trees import BUILD_SCRIPT, CHECK_SCRIPT, Fork, write_tree
+from fork_trees import BUILD_SCRIPT, CHECK_SCRIPT, EXTRA_COMMON, EXTRA_YOLO, Fork, write_tree
 from fxrewrite.cli import main
 
 NC = 3
@@ -76,9 +76,184 @@ def config(backbone=BACKBONE, head=HEAD, **extra) -> dict:
     return {"nc": NC, **extra, "backbone": copy.deepcopy(backbone), "head": copy.deepcopy(head)}
 
 
-FORKS: dict[str, Fork] = {
-    "plain": Fork("plain", config()),
-}
+def edited(rows: list, **changes) -> list:
+    """``rows`` with the rows at the given indices (``_12=[...]``) replaced."""
+    rows = copy.deepcopy(rows)
+    for key, row in changes.items():
+        rows[int(key[1:])] = row
+    return rows
+
+
+UP = [None, 2, "nearest"]
+# Case 1: custom blocks on the main path and in the auxiliary branch.
+CUSTOM = config(
+    backbone=[
+        [-1, 1, "Silence", []],  # 0
+        [-1, 1, "Conv", [16, 3, 2]],  # 1
+        [-1, 1, "Conv", [32, 3, 2]],  # 2
+        [-1, 1, "RepBlock", [32]],  # 3 multi-branch
+        [-1, 1, "Down", [64]],  # 4 P3
+        [-1, 1, "Attention", [64]],  # 5 attention
+        [-1, 1, "Pyramid", [[64, 64]]],  # 6 returns [P4, P5]
+        [6, 1, "Index", [0]],  # 7 P4
+        [6, 1, "Index", [1]],  # 8 P5
+    ],
+    head=[
+        [5, 1, "nn.MaxPool2d", [2, 2]],  # 9 P3 -> P4
+        [8, 1, "nn.Upsample", UP],  # 10 P5 -> P4
+        [7, 1, "nn.AvgPool2d", [1, 1]],  # 11
+        [[9, 10, 11, 7, -2], 1, "Concat", [1]],  # 12 five-way concatenation
+        [-1, 1, "HyperConv", [64]],  # 13
+        [-1, 1, "nn.Upsample", UP],  # 14
+        [[-1, 5], 1, "Concat", [1]],  # 15
+        [-1, 1, "CSP", [32]],  # 16 P3 main
+        [-1, 1, "Down", [64]],  # 17
+        [[-1, 13], 1, "Concat", [1]],  # 18
+        [-1, 1, "Attention", [64]],  # 19 P4 main
+        [-1, 1, "Down", [64]],  # 20
+        [[-1, 8], 1, "Concat", [1]],  # 21
+        [-1, 1, "RepBlock", [64]],  # 22 P5 main
+        [0, 1, "Conv", [16, 3, 2]],  # 23 auxiliary
+        [-1, 1, "Conv", [32, 3, 2]],  # 24
+        [-1, 1, "Down", [64]],  # 25
+        [-1, 1, "Attention", [64]],  # 26 P3 aux
+        [-1, 1, "Pyramid", [[64, 64]]],  # 27
+        [27, 1, "Index", [0]],  # 28 P4 aux
+        [27, 1, "Index", [1]],  # 29 P5 aux
+        [[26, 28, 29, 16, 19, 22], 1, "DualDDetect", ["nc"]],  # 30
+    ])
+# Case 4: main-path layers after auxiliary ones, and dead layers that feed nothing.
+INTERLEAVED = config(head=[
+    [5, 1, "CBLinear", [[64]]],  # 10 aux
+    [7, 1, "CBLinear", [[64, 64]]],  # 11 aux
+    [9, 1, "CBLinear", [[64, 64, 64]]],  # 12 aux
+    [0, 1, "Conv", [16, 3, 2]],  # 13 aux
+    [-1, 1, "Conv", [32, 3, 2]],  # 14
+    [-1, 1, "CSP", [32]],  # 15
+    [-1, 1, "Down", [64]],  # 16
+    [[10, 11, 12, -1], 1, "CBFuse", [[0, 0, 0]]],  # 17
+    [-1, 1, "CSP", [64]],  # 18 P3 aux
+    [9, 1, "nn.Upsample", UP],  # 19 main
+    [[-1, 7], 1, "Concat", [1]],  # 20 main
+    [-1, 1, "CSP", [64]],  # 21 main
+    [18, 1, "Down", [64]],  # 22 aux
+    [[11, 12, -1], 1, "CBFuse", [[1, 1]]],  # 23
+    [-1, 1, "CSP", [64]],  # 24 P4 aux
+    [9, 1, "Conv", [32, 1, 1]],  # 25 dead
+    [21, 1, "nn.Upsample", UP],  # 26 main
+    [[-1, 5], 1, "Concat", [1]],  # 27
+    [-1, 1, "CSP", [32]],  # 28 P3 main
+    [24, 1, "Down", [64]],  # 29 aux
+    [[12, -1], 1, "CBFuse", [[2]]],  # 30
+    [-1, 1, "CSP", [64]],  # 31 P5 aux
+    [28, 1, "Down", [32]],  # 32 main
+    [[-1, 21], 1, "Concat", [1]],  # 33
+    [-1, 1, "CSP", [64]],  # 34 P4 main
+    [-1, 1, "Down", [64]],  # 35
+    [[-1, 9], 1, "Concat", [1]],  # 36
+    [-1, 1, "CSP", [64]],  # 37 P5 main
+    [37, 1, "Conv", [16, 1, 1]],  # 38 dead
+    [[18, 24, 31, 28, 34, 37], 1, "DualDDetect", ["nc"]],  # 39
+])
+# Case 7: four levels P2-P5 (strides 4..32): the dual head has 8 inputs.
+P2P5 = config(head=HEAD[:12] + [
+    [15, 1, "nn.Upsample", UP],  # 22
+    [[-1, 3], 1, "Concat", [1]],  # 23
+    [-1, 1, "CSP", [32]],  # 24 P2 main
+    [5, 1, "CBLinear", [[64]]],  # 25
+    [7, 1, "CBLinear", [[64, 64]]],  # 26
+    [9, 1, "CBLinear", [[64, 64, 64]]],  # 27
+    [0, 1, "Conv", [16, 3, 2]],  # 28
+    [-1, 1, "Conv", [32, 3, 2]],  # 29
+    [-1, 1, "CSP", [32]],  # 30 P2 aux
+    [-1, 1, "Down", [64]],  # 31
+    [[25, 26, 27, -1], 1, "CBFuse", [[0, 0, 0]]],  # 32
+    [-1, 1, "CSP", [64]],  # 33 P3 aux
+    [-1, 1, "Down", [64]],  # 34
+    [[26, 27, -1], 1, "CBFuse", [[1, 1]]],  # 35
+    [-1, 1, "CSP", [64]],  # 36 P4 aux
+    [-1, 1, "Down", [64]],  # 37
+    [[27, -1], 1, "CBFuse", [[2]]],  # 38
+    [-1, 1, "CSP", [64]],  # 39 P5 aux
+    [[30, 33, 36, 39, 24, 15, 18, 21], 1, "DualDDetect", ["nc"]],  # 40
+])
+SIDE_FORWARD = '''
+_plain_init = DetectionModel.__init__
+
+
+def _init(self, *args, **kwargs):
+    self.return_side = False
+    _plain_init(self, *args, **kwargs)
+    self.return_side = True
+
+
+def _forward_once(self, x):
+    y, side = [], []
+    for m in self.model:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m(x)
+        if isinstance(m, DomainClassifier):
+            side.append(x)
+        y.append(x if m.i in self.save else None)
+    return (x, side) if self.training and self.return_side else x
+
+
+DetectionModel.__init__ = _init
+DetectionModel._forward_once = _forward_once
+'''
+PER_LAYER_EPS = '''
+_plain_initialize = initialize_weights
+
+
+def initialize_weights(model):
+    _plain_initialize(model)
+    for i, layer in enumerate(getattr(model, "model", [])):
+        for m in layer.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = 1e-3 * (1 + i % 3)
+'''
+RENAMED_HEADS = '''
+class SingleHead(DDetect):
+    pass
+
+
+class DualHead(DualDDetect):
+    pass
+
+
+HEADS = (DDetect, DualDDetect, SingleHead, DualHead)
+'''
+COOKBOOK = Path(__file__).resolve().parents[2] / "rules" / "examples" / "fork-renamed-head.yaml"
+
+FORKS: dict[str, Fork] = {fork.name: fork for fork in [
+    Fork("plain", config()),
+    Fork("custom-blocks", CUSTOM, EXTRA_COMMON, EXTRA_YOLO),
+    # Case 2: the main path itself fuses with CBLinear/CBFuse (P5 into P4).
+    Fork("cblinear-main", config(head=edited(HEAD, _0=[9, 1, "CBLinear", [[64]]], _1=[[10, 7], 1, "CBFuse", [[0]]]))),
+    # Case 3: no Silence: layer 0 is a convolution reading the image, and both branches read it.
+    Fork("no-silence", config(backbone=edited(BACKBONE, _0=[-1, 1, "Conv", [16, 3, 1]]))),
+    Fork("interleaved", INTERLEAVED),
+    # Case 5: a domain classifier behind a gradient-reversal layer on an auxiliary map; training returns it too.
+    Fork("side-branch", config(head=HEAD[:-1] + [[30, 1, "DomainClassifier", [2]],
+                                                 [[30, 33, 36, 15, 18, 21], 1, "DualDDetect", ["nc"]]]),
+         EXTRA_COMMON, EXTRA_YOLO + SIDE_FORWARD),
+    Fork("p2-p5", P2P5),
+    # Case 8: the heads edited in place: an angle channel per class (2 * nc class-tower outputs).
+    Fork("angle-head", config(), yolo="\ndef CLS_OUT(nc):\n    return 2 * nc\n"),
+    # Case 8: heads under other names: the cookbook rule converts them.
+    Fork("renamed-head", config(head=edited(HEAD, _27=[[30, 33, 36, 15, 18, 21], 1, "DualHead", ["nc"]])),
+         yolo=RENAMED_HEADS, rules=COOKBOOK.read_text()),
+    # Case 8: no single-head class at all: refused, naming the head and the cookbook.
+    Fork("no-single-head", config(), yolo="\ndel DDetect\nHEADS = (DualDDetect,)\n"),
+    # Case 9: BatchNorm eps set per layer by the fork's initialisation code.
+    Fork("bn-eps", config(), yolo=PER_LAYER_EPS),
+    # Case 10: a block comparing distances with a threshold, stored in fp16.
+    Fork("fp16-threshold", config(backbone=edited(BACKBONE, _3=[-1, 1, "Shrink", []])), EXTRA_COMMON, EXTRA_YOLO),
+    # Case 11: a block whose config arguments only the fork understands.
+    Fork("unknown-args", config(head=edited(HEAD, _2=[-1, 1, "Mixer", [{"mode": "mix", "k": [3, 5]}, "gelu", 0.5]])),
+         EXTRA_COMMON, EXTRA_YOLO),
+]}
 
 
 # -- session fixtures: build every tree once, convert each, check all in one subprocess --------------
@@ -122,7 +297,7 @@ def converted(built) -> dict[str, dict]:
         if fork.rules is not None:
             rule_file = ckpt.with_name(f"{name}-rules.yaml")
             rule_file.write_text(fork.rules)
-            rules = ["--rules", "yolov9", rule_file]
+            rules = ["--rules", rule_file, "yolov9"]  # the fork's head rule, then the shipped pruning
         code, stdout, stderr = cli("convert", ckpt, "-o", out, "--code", tree, "--verify", "--imgsz", fork.image,
                                    *rules)
         results[name] = {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "tree": tree, "ckpt": ckpt}
@@ -159,3 +334,109 @@ def test_plain_fork_converts_with_its_own_classes(converted):
     rows = derived(result)
     assert rows["head"][-1] == [[14, 17, 20], 1, "DDetect", ["nc"]]  # Silence collapsed: one less
     assert len(rows["backbone"]) + len(rows["head"]) == 22  # Silence collapsed: 21 main layers + the head
+
+
+def stored_layer_map(result) -> dict[int, int]:
+    """new -> old layer index, as the converted checkpoint records it (read with the safe loader)."""
+    from fxrewrite.yolov9.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(result["out"], code=result["tree"])
+    return {int(k): v for k, v in loaded.entries["fxrewrite"]["layer_map"].items()}
+
+
+def main_rows(result) -> list:
+    rows = derived(result)
+    return rows["backbone"] + rows["head"]
+
+
+def test_custom_blocks_on_both_branches(converted):
+    result = converted_case(converted, "custom-blocks")
+    rows = main_rows(result)
+    assert [row[2] for row in rows] == [
+        "Conv", "Conv", "RepBlock", "Down", "Attention", "Pyramid", "Index", "Index", "nn.MaxPool2d", "nn.Upsample",
+        "nn.AvgPool2d", "Concat", "HyperConv", "nn.Upsample", "Concat", "CSP", "Down", "Concat", "Attention", "Down",
+        "Concat", "RepBlock", "DDetect"]
+    assert rows[11] == [[8, 9, 10, 6, -2], 1, "Concat", [1]]  # the five-way concatenation, renumbered (-2 kept)
+    assert rows[5:8] == [[-1, 1, "Pyramid", [[64, 64]]], [5, 1, "Index", [0]], [5, 1, "Index", [1]]]
+    assert {"models.common.Attention", "models.common.RepBlock", "models.common.HyperConv",
+            "models.common.Pyramid"} <= set(result["check"]["classes"])
+
+
+def test_cblinear_and_cbfuse_on_the_main_path_are_kept(converted):
+    result = converted_case(converted, "cblinear-main")
+    rows = main_rows(result)
+    assert rows[9:11] == [[8, 1, "CBLinear", [[64]]], [[9, 6], 1, "CBFuse", [[0]]]]
+    assert [row[2] for row in rows].count("CBLinear") == 1  # the auxiliary ones are gone
+
+
+def test_layer_zero_reads_the_image_without_a_silence_layer(converted):
+    result = converted_case(converted, "no-silence")
+    rows = main_rows(result)
+    assert rows[0] == [-1, 1, "Conv", [16, 3, 1]]
+    assert len(rows) == 23 and rows[1] == [-1, 1, "Conv", [16, 3, 2]]
+
+
+def test_interleaved_and_dead_layers_are_renumbered(converted):
+    result = converted_case(converted, "interleaved")
+    rows = main_rows(result)
+    assert rows[9:] == [  # old 19.., after auxiliary rows; the dead layers 25 and 38 are gone
+        [8, 1, "nn.Upsample", UP], [[-1, 6], 1, "Concat", [1]], [-1, 1, "CSP", [64]],
+        [11, 1, "nn.Upsample", UP], [[-1, 4], 1, "Concat", [1]], [-1, 1, "CSP", [32]],
+        [14, 1, "Down", [32]], [[-1, 11], 1, "Concat", [1]], [-1, 1, "CSP", [64]],
+        [-1, 1, "Down", [64]], [[-1, 8], 1, "Concat", [1]], [-1, 1, "CSP", [64]],
+        [[14, 17, 20], 1, "DDetect", ["nc"]]]
+    layer_map = stored_layer_map(result)
+    assert layer_map == {**{k: k + 1 for k in range(9)}, 9: 19, 10: 20, 11: 21, 12: 26, 13: 27, 14: 28, 15: 32,
+                         16: 33, 17: 34, 18: 35, 19: 36, 20: 37, 21: 39}
+
+
+def test_side_branch_classifier_is_pruned(converted):
+    result = converted_case(converted, "side-branch")
+    assert "models.common.DomainClassifier" not in result["check"]["classes"]
+    assert "DomainClassifier" not in [row[2] for row in main_rows(result)]
+
+
+def test_four_detection_levels(converted):
+    result = converted_case(converted, "p2-p5")
+    rows = main_rows(result)
+    assert rows[-1] == [[23, 14, 17, 20], 1, "DDetect", ["nc"]]
+    assert result["check"]["shape"][1] == 4 + NC
+
+
+def test_head_edited_in_place_converts_with_no_rule(converted):
+    result = converted_case(converted, "angle-head")
+    assert result["check"]["shape"][1] == 4 + 2 * NC  # the fork's own DDetect: an angle channel per class
+
+
+def test_renamed_head_converts_with_the_cookbook_rule(converted):
+    result = converted_case(converted, "renamed-head")
+    assert main_rows(result)[-1] == [[14, 17, 20], 1, "SingleHead", ["nc"]]
+    assert "models.yolo.SingleHead" in result["check"]["classes"]
+
+
+def test_fork_without_a_single_head_class_is_refused(converted):
+    result = converted["no-single-head"]
+    assert result["code"] == 1
+    assert result["stderr"].startswith(f"fxrewrite: error: {result['ckpt']}: ")
+    assert "DualDDetect" in result["stderr"] and "rules/examples/fork-renamed-head.yaml" in result["stderr"]
+    assert not result["out"].exists()
+
+
+def test_per_layer_batchnorm_settings_are_kept(converted):
+    result = converted_case(converted, "bn-eps")
+    check = result["check"]
+    assert "verify: note:" in result["stdout"]  # the derived config would build other eps values
+    layer_map = stored_layer_map(result)
+    assert [check["eps"][str(new)] for new in range(21)] == [check["dual_eps"][str(layer_map[new])] for new in range(21)]
+    assert set(check["eps"]["21"]) == set(check["dual_eps"]["37"])  # the new head's towers: the main towers' BNs
+    assert len({eps for new in range(22) for eps in check["eps"][str(new)]}) == 3  # 1e-3, 2e-3, 3e-3: all kept
+
+
+def test_fp16_threshold_block(converted):
+    result = converted_case(converted, "fp16-threshold")
+    assert main_rows(result)[2] == [-1, 1, "Shrink", []]
+
+
+def test_unknown_config_arguments_are_kept_verbatim(converted):
+    result = converted_case(converted, "unknown-args")
+    assert main_rows(result)[11] == [-1, 1, "Mixer", [{"mode": "mix", "k": [3, 5]}, "gelu", 0.5]]
