@@ -45,6 +45,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -61,6 +62,8 @@ __all__ = ["CodeError", "CodeTree", "ForkClasses", "as_code_tree", "fork_classes
 
 # One import of a source tree at a time: sys.modules and sys.path are process-wide.
 _IMPORT_LOCK = threading.RLock()
+# Every tree imported in this process: a model loaded from one is converted with that tree's classes.
+_TREES: "weakref.WeakSet[CodeTree]" = weakref.WeakSet()
 
 
 class CodeError(FxRewriteError, ValueError):
@@ -91,6 +94,16 @@ class CodeTree:
                 (p.is_dir() and any(p.glob("*.py"))) or (p.is_file() and p.suffix == ".py")))
         self._modules: dict[str, types.ModuleType] = {}  # the tree's modules while they are put aside
         self._depth = 0
+        _TREES.add(self)
+
+    @staticmethod
+    def defining(cls: type) -> "CodeTree | None":
+        """The tree (imported in this process) that defines ``cls``, if any."""
+        for tree in list(_TREES):
+            module = tree._modules.get(cls.__module__)
+            if module is not None and getattr(module, cls.__qualname__, None) is cls:
+                return tree
+        return None
 
     def __repr__(self) -> str:
         return f"CodeTree({str(self.root)!r})"
@@ -285,6 +298,7 @@ def fork_classes_of(model: nn.Module, tree: CodeTree | None = None) -> ForkClass
     layers = getattr(model, "model", None)
     ordered = [type(layers[-1])] if isinstance(layers, nn.Sequential) and len(layers) else []
     ordered += [type(model)] + [type(m) for m in model.modules()]
+    tree = tree or CodeTree.defining(type(model))  # loaded with load_checkpoint(code=...): that tree
     modules = []
     for cls in ordered:
         if cls.__module__.startswith("torch."):

@@ -440,3 +440,111 @@ def test_fp16_threshold_block(converted):
 def test_unknown_config_arguments_are_kept_verbatim(converted):
     result = converted_case(converted, "unknown-args")
     assert main_rows(result)[11] == [-1, 1, "Mixer", [{"mode": "mix", "k": [3, 5]}, "gelu", 0.5]]
+
+
+# -- without --code, the Python interface, what the tree may and may not provide --------------------
+def test_without_code_one_message_names_the_unknown_classes(built, tmp_path):
+    _, ckpt = built["plain"]
+    code, out, err = cli("convert", ckpt, "-o", tmp_path / "out.pt")
+    assert code == 1 and out == ""
+    assert err == (
+        f"fxrewrite: error: {ckpt}: the model uses block classes unknown to fxrewrite: models.common.Bottleneck, "
+        "models.common.CSP, models.common.Down; if you trust the code they come from, rerun with --code "
+        "PATH_TO_THAT_REPO (the folder that holds models/; from Python: load_checkpoint(path, code=PATH)); library "
+        "users may instead implement each as an nn.Module and register it before loading, e.g. "
+        "fxrewrite.yolov9.register_block(Bottleneck, 'models.common.Bottleneck')\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def tree_modules() -> dict:
+    return {name: m for name, m in sys.modules.items() if name.split(".")[0] in ("models", "utils")}
+
+
+def test_python_interface_leaves_the_callers_modules_alone(built):
+    from fxrewrite.yolov9 import convert
+    from fxrewrite.yolov9.checkpoint import load_checkpoint
+
+    tree, ckpt = built["custom-blocks"]
+    before_modules, before_path = tree_modules(), list(sys.path)
+    loaded = load_checkpoint(ckpt, code=tree)
+    assert tree_modules() == before_modules and sys.path == before_path
+    assert type(loaded.model).__module__ == "models.yolo" and loaded.weights == "ema"
+    conversion = convert(loaded.model)  # the model's own classes: it came from that tree
+    assert tree_modules() == before_modules and sys.path == before_path
+    head = conversion.model.model[-1]
+    assert type(head) is loaded.code.find_class("models.yolo.DDetect")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(conversion.model(x)[0], loaded.model.eval()(x)[0][1])
+
+
+def test_model_built_in_memory_by_the_forks_code(built):
+    from fxrewrite.yolov9 import convert
+
+    tree, _ = built["unknown-args"]
+    saved, saved_path = tree_modules(), list(sys.path)
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(tree))
+    try:
+        from models.yolo import DetectionModel
+
+        torch.manual_seed(0)
+        model = DetectionModel(str(tree / "model.yaml")).eval()
+        conversion = convert(model)
+        assert type(conversion.model) is DetectionModel
+        assert conversion.config["head"][2] == [-1, 1, "Mixer", [{"mode": "mix", "k": [3, 5]}, "gelu", 0.5]]
+        x = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(conversion.model(x)[0], model(x)[0][1])
+        assert conversion.check_config() == []
+    finally:
+        for name in tree_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        sys.path[:] = saved_path
+
+
+def pickled_model_of(path: Path, module: str, name: str) -> Path:
+    """A checkpoint whose model is an instance of ``module.name`` (built by hand: nothing is imported)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x/data.pkl", b"\x80\x02}q\x00X\x05\x00\x00\x00modelq\x01c" + module.encode() + b"\n"
+                   + name.encode() + b"\nq\x02)\x81q\x03s.")
+        z.writestr("x/version", b"3\n")
+    return path
+
+
+@pytest.mark.parametrize("module, name, problem", [
+    ("models.yolo", "decode", "which is not a block class of the model's code but something reached through it"),
+    ("models.common", "F", "that the source tree {tree} does not define: models.common.F"),  # a module imported there
+    ("models.yolo", "Conv", "that the source tree {tree} does not define: models.yolo.Conv"),  # imported there
+    ("models.common", "Nothing", "that the source tree {tree} does not define: models.common.Nothing"),
+    ("models.elsewhere", "Block", "that the source tree {tree} does not define: models.elsewhere.Block"),
+    ("os", "system", "refused to load: the pickle references os.system"),
+])
+def test_the_tree_provides_only_the_classes_it_defines(built, tmp_path, module, name, problem):
+    from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint
+
+    tree, _ = built["plain"]
+    path = pickled_model_of(tmp_path / "hostile.pt", module, name)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, code=tree)
+    assert problem.format(tree=tree) in str(info.value)
+    assert "nothing from the file was executed" in str(info.value) or "does not define" in str(info.value)
+    assert "models.elsewhere" not in sys.modules
+
+
+def test_code_must_be_a_source_tree(built, tmp_path):
+    _, ckpt = built["plain"]
+    code, _, err = cli("convert", ckpt, "-o", tmp_path / "out.pt", "--code", tmp_path)
+    assert (code, err) == (1, f"fxrewrite: error: --code {tmp_path}: has no models/ folder; give the root of the "
+                              "source tree the checkpoint was trained with (the folder that holds models/)\n")
+
+
+def test_no_output_inside_the_code_tree(built):
+    tree, ckpt = built["plain"]
+    code, _, err = cli("convert", ckpt, "-o", tree / "models" / "common.py", "--code", tree, "--force")
+    assert code == 1 and "common.py" in err
+    assert "class CBFuse" in (tree / "models" / "common.py").read_text()
