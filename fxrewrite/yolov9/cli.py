@@ -131,11 +131,24 @@ def verification_image(model: torch.nn.Module, size: tuple[int, int], batch: int
     return example_image(model, list(size), batch, seed=seed, dtype=dtype)
 
 
+CODE_EPILOG = (
+    "A fork's checkpoint (its own blocks, edited heads, other layouts): --code PATH imports the classes the "
+    "checkpoint names from that source tree, by their pickled module paths (models.common.X, models.yolo.Y), "
+    "and only the classes the tree defines (never a function, never a name a module of it imports); the "
+    "checkpoint itself stays untrusted and is loaded with the same checks. Every class comes from the fork, also "
+    "those with an official name (a fork's edited DualDDetect or Conv); the rules build the fork's single-branch "
+    "head (its DDetect); OUT.pt pickles the fork's classes at their module paths, so the fork's own detect.py and "
+    "val.py load it; lines of the derived config the rules did not replace are kept verbatim (from renumbered). "
+    "The tree is imported under its own package names only while the command runs. A head the shipped rules do "
+    "not know (another class name) needs one rule: rules/examples/fork-renamed-head.yaml, applied with "
+    "--rules FILE yolov9. --fuse is refused with --code (fusion builds fxrewrite's layers).")
+
+
 # -- the commands ------------------------------------------------------------------------
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a YOLOv9 training checkpoint (auxiliary branch) into its GELAN inference model",
-        description=__doc__.splitlines()[0])
+        description=__doc__.splitlines()[0], epilog=CODE_EPILOG)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("input", nargs="?", metavar="IN.pt", help="a train.py / train_dual.py checkpoint")
     source.add_argument("--config", metavar="NAME|YAML",
@@ -230,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.code and args.config:
         raise OptionError("--code goes with a checkpoint (IN.pt), not with --config")
+    if args.code and args.fuse:  # the deployment rules build fxrewrite's layers, not the fork's
+        raise OptionError("--fuse with --code: fusion would put fxrewrite's own layers into the fork's model; "
+                          "convert without --fuse, then fuse with the fork's code (model.fuse())")
     classes = None
     if args.code:
         from .fork import CodeTree, fork_classes_of

@@ -258,7 +258,7 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
         reference = next((t for t in model.parameters() if t.is_floating_point()), torch.zeros(()))
         size = example_size or _example_size(model)
         # Same dtype and device as the weights: fp16 checkpoints and meta-device skeletons trace too.
-        example = torch.zeros(1, _input_channels(model), size, size, dtype=reference.dtype, device=reference.device)
+        example = example_input(model, size, dtype=reference.dtype, device=reference.device)
         gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=_fixed_flags(model))
         return rewrite(gm, rules)
     finally:
@@ -430,6 +430,21 @@ def _replaced(result: RewriteResult) -> bool:
 
 def _input_channels(model: nn.Module) -> int:
     return int(model.yaml.get("ch", 3))
+
+
+def example_input(model: nn.Module, size: int | tuple[int, int], batch: int = 1, *, dtype: torch.dtype | None = None,
+                  device: Any = None, generator: torch.Generator | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """An input of ``model``: zeros (or, with ``generator``, random values in [0, 1)) of its config's ``ch``
+    channels; a list of images when ``ch`` is a list (a fork whose model takes several images, one per entry)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    ch = model.yaml.get("ch", 3)
+
+    def image(channels: int) -> torch.Tensor:
+        if generator is None:
+            return torch.zeros(batch, int(channels), h, w, dtype=dtype, device=device)
+        return torch.rand(batch, int(channels), h, w, generator=generator).to(dtype=dtype, device=device)
+
+    return [image(c) for c in ch] if isinstance(ch, (list, tuple)) else image(ch)
 
 
 def _example_size(model: nn.Module) -> int:

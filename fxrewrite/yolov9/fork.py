@@ -348,7 +348,7 @@ _SETTINGS = (bool, int, float, str, tuple, type(None))
 def build_from_config(source: nn.Module, config: dict, classes: ForkClasses) -> nn.Module:
     """The source's class built from ``config`` by the fork's own builder (its ``__init__``)."""
     cls = type(source)
-    ch = int(config.get("ch", 3))
+    ch = config.get("ch", 3)
     with classes.active():
         try:
             with torch.device("meta"):

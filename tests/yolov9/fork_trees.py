@@ -415,7 +415,9 @@ for name, tree, src, out, towers, image, main_path in json.loads(sys.argv[1]):
     try:
         dual = torch.load(src, map_location="cpu", weights_only=False)["ema"].float().eval()
         converted = torch.load(out, map_location="cpu", weights_only=False)["model"].float().eval()
-        x = torch.rand(1, dual.yaml.get("ch", 3), image, image, generator=torch.Generator().manual_seed(7))
+        gen, ch = torch.Generator().manual_seed(7), dual.yaml.get("ch", 3)
+        x = [torch.rand(1, c, image, image, generator=gen) for c in ch] if isinstance(ch, list) else \
+            torch.rand(1, ch, image, image, generator=gen)
         with torch.no_grad():
             want = dual(x)
             for k in main_path:

@@ -224,6 +224,49 @@ class DualHead(DualDDetect):
 
 HEADS = (DDetect, DualDDetect, SingleHead, DualHead)
 '''
+# Case 6: two images (RGB and infrared): layer 0 passes the list on, layers pick x[0] and x[1]; the
+# auxiliary branch reads only the infrared image, the main path both.
+TWO_INPUTS = config(ch=[3, 3], backbone=[
+    [-1, 1, "Silence", []],  # 0: the list of images
+    [0, 1, "Index", [0]],  # 1 RGB
+    [0, 1, "Index", [1]],  # 2 infrared
+    [1, 1, "Conv", [16, 3, 2]],  # 3
+    [2, 1, "Conv", [16, 3, 2]],  # 4
+    [[3, 4], 1, "Concat", [1]],  # 5
+    [-1, 1, "Conv", [32, 3, 2]],  # 6 P2
+    [-1, 1, "CSP", [32]],  # 7
+    [-1, 1, "Down", [64]],  # 8 P3
+    [-1, 1, "CSP", [64]],  # 9
+    [-1, 1, "Down", [64]],  # 10 P4
+    [-1, 1, "CSP", [64]],  # 11
+    [-1, 1, "Down", [64]],  # 12 P5
+    [-1, 1, "CSP", [64]],  # 13
+], head=[
+    [-1, 1, "nn.Upsample", UP],  # 14
+    [[-1, 11], 1, "Concat", [1]],  # 15
+    [-1, 1, "CSP", [64]],  # 16
+    [-1, 1, "nn.Upsample", UP],  # 17
+    [[-1, 9], 1, "Concat", [1]],  # 18
+    [-1, 1, "CSP", [32]],  # 19 P3 main
+    [-1, 1, "Down", [32]],  # 20
+    [[-1, 16], 1, "Concat", [1]],  # 21
+    [-1, 1, "CSP", [64]],  # 22 P4 main
+    [-1, 1, "Down", [64]],  # 23
+    [[-1, 13], 1, "Concat", [1]],  # 24
+    [-1, 1, "CSP", [64]],  # 25 P5 main
+    [4, 1, "Conv", [32, 3, 2]],  # 26 aux, infrared only
+    [-1, 1, "Down", [64]],  # 27 P3 aux
+    [-1, 1, "Down", [64]],  # 28 P4 aux
+    [-1, 1, "Down", [64]],  # 29 P5 aux
+    [[27, 28, 29, 19, 22, 25], 1, "DualDDetect", ["nc"]],  # 30
+])
+TWO_IMAGES = '''
+def _example_input(self, ch, s):
+    return [torch.zeros(1, c, s, s) for c in ch] if isinstance(ch, list) else torch.zeros(1, ch, s, s)
+
+
+DetectionModel.example_input = _example_input
+'''
 COOKBOOK = Path(__file__).resolve().parents[2] / "rules" / "examples" / "fork-renamed-head.yaml"
 
 FORKS: dict[str, Fork] = {fork.name: fork for fork in [
@@ -238,6 +281,7 @@ FORKS: dict[str, Fork] = {fork.name: fork for fork in [
     Fork("side-branch", config(head=HEAD[:-1] + [[30, 1, "DomainClassifier", [2]],
                                                  [[30, 33, 36, 15, 18, 21], 1, "DualDDetect", ["nc"]]]),
          EXTRA_COMMON, EXTRA_YOLO + SIDE_FORWARD),
+    Fork("two-inputs", TWO_INPUTS, EXTRA_COMMON, EXTRA_YOLO + TWO_IMAGES),
     Fork("p2-p5", P2P5),
     # Case 8: the heads edited in place: an angle channel per class (2 * nc class-tower outputs).
     Fork("angle-head", config(), yolo="\ndef CLS_OUT(nc):\n    return 2 * nc\n"),
@@ -396,6 +440,13 @@ def test_side_branch_classifier_is_pruned(converted):
     assert "DomainClassifier" not in [row[2] for row in main_rows(result)]
 
 
+def test_two_image_inputs(converted):
+    result = converted_case(converted, "two-inputs")
+    rows = main_rows(result)
+    assert rows[:3] == [[-1, 1, "Silence", []], [0, 1, "Index", [0]], [0, 1, "Index", [1]]]  # two readers: kept
+    assert derived(result)["ch"] == [3, 3] and len(rows) == 27
+
+
 def test_four_detection_levels(converted):
     result = converted_case(converted, "p2-p5")
     rows = main_rows(result)
@@ -548,3 +599,11 @@ def test_no_output_inside_the_code_tree(built):
     code, _, err = cli("convert", ckpt, "-o", tree / "models" / "common.py", "--code", tree, "--force")
     assert code == 1 and "common.py" in err
     assert "class CBFuse" in (tree / "models" / "common.py").read_text()
+
+
+def test_fuse_with_code_is_refused_before_any_work(built, tmp_path):
+    tree, ckpt = built["plain"]
+    code, out, err = cli("convert", ckpt, "-o", tmp_path / "out.pt", "--code", tree, "--fuse")
+    assert (code, out) == (1, "")
+    assert err == ("fxrewrite: error: --fuse with --code: fusion would put fxrewrite's own layers into the fork's "
+                   "model; convert without --fuse, then fuse with the fork's code (model.fuse())\n")
