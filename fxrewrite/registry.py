@@ -220,9 +220,6 @@ BUILTINS = Registry("built-in")
 #: Plug-ins and users register here (unless inside :func:`scoped`).
 DEFAULT = Registry("default", parent=BUILTINS)
 _CURRENT: contextvars.ContextVar[Registry] = contextvars.ContextVar("fxrewrite_registry", default=DEFAULT)
-# The module classes plug-ins and users registered, under the name they had before Registry existed
-# (tests/yolov9/test_convert.py unregisters a block through it, until the plug-in has a block catalogue).
-_MODULE_CLASSES = DEFAULT._classes
 
 
 def current() -> Registry:

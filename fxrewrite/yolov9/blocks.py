@@ -1,5 +1,8 @@
 """Backbone and neck building blocks of YOLOv9 / GELAN.
 
+Why this module is long: it holds one class per official block (fourteen), each a fact of the
+checkpoint format, under the compatibility rules below; split, the rules would be stated twice.
+
 These classes reproduce the layers of the reference YOLOv9 implementation so
 that its checkpoints load without key remapping and produce bit-identical
 outputs.  Three compatibility rules shape the code below:
@@ -29,11 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import conv_like, fold_batchnorm, folded_conv
+
 __all__ = [
     "autopad",
     "default_activation",
     "make_default_activation",
     "fuse_conv_bn",
+    "identity_kernel",
+    "repconv_kernel_bias",
     "Conv",
     "AConv",
     "ADown",
@@ -102,30 +109,41 @@ def autopad(k, p=None, d=1):
     return k // 2 if isinstance(k, int) else [size // 2 for size in k]
 
 
-@torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Fold an inference-mode BatchNorm into the preceding convolution.
 
     Returns a new biased ``nn.Conv2d`` (gradients disabled) computing
-    ``bn(conv(x))`` with BatchNorm running statistics.
+    ``bn(conv(x))`` with BatchNorm running statistics: the core
+    :func:`fxrewrite.modules.folded_conv`, bitwise the official ``fuse_conv_and_bn``.
     """
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    ).requires_grad_(False)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
-    return fused
+    return folded_conv(conv, bn, "fuse_conv_bn")
+
+
+def identity_kernel(conv: nn.Conv2d) -> torch.Tensor:
+    """The 3x3 kernel of the identity map with ``conv``'s channels and groups (the optional
+    BatchNorm identity branch of a RepConvN, as a convolution); needs in = out channels, stride 1."""
+    per_group = conv.in_channels // conv.groups
+    kernel = torch.zeros(conv.out_channels, per_group, 3, 3, dtype=conv.weight.dtype, device=conv.weight.device)
+    channels = torch.arange(conv.out_channels, device=conv.weight.device)
+    kernel[channels, channels % per_group, 1, 1] = 1.0
+    return kernel
+
+
+@torch.no_grad()
+def repconv_kernel_bias(branch3: nn.Module, branch1: nn.Module,
+                        identity: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 3x3 kernel and bias equal to a RepConvN's branches: the 3x3 and 1x1 Conv+BN branches
+    (``.conv``, ``.bn``) and the optional BatchNorm ``identity`` branch, each folded by the core
+    :func:`fxrewrite.modules.fold_batchnorm` and summed in the official order (bitwise the
+    official ``get_equivalent_kernel_bias``). Used by :meth:`RepConvN.fuse_convs` and the
+    ``fuse_repconv`` action alike."""
+    w3, b3 = fold_batchnorm(branch3.conv.weight, branch3.conv.bias, branch3.bn)
+    w1, b1 = fold_batchnorm(branch1.conv.weight, branch1.conv.bias, branch1.bn)
+    weight, bias = w3 + F.pad(w1, [1, 1, 1, 1]), b3 + b1  # the 1x1 tap sits at the 3x3 centre
+    if identity is not None:
+        w_id, b_id = fold_batchnorm(identity_kernel(branch3.conv), None, identity)
+        weight, bias = weight + w_id, bias + b_id
+    return weight, bias
 
 
 # --------------------------------------------------------------------------
@@ -222,32 +240,9 @@ class RepConvN(nn.Module):
         """Forward after :meth:`fuse_convs`."""
         return self.act(self.conv(x))
 
-    @staticmethod
-    def _folded(branch: Conv) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias of a Conv+BN branch with the BN folded in."""
-        bn = branch.bn
-        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-        return branch.conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
-
-    def _identity_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias of the optional BN identity branch as a 3x3 conv."""
-        per_group = self.c1 // self.g
-        kernel = torch.zeros(self.c1, per_group, 3, 3, device=self.bn.weight.device, dtype=self.bn.weight.dtype)
-        for channel in range(self.c1):
-            kernel[channel, channel % per_group, 1, 1] = 1.0
-        scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
-        return kernel * scale.reshape(-1, 1, 1, 1), self.bn.bias - self.bn.running_mean * scale
-
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Single 3x3 kernel and bias equivalent to the sum of all branches."""
-        kernel3, bias3 = self._folded(self.conv1)
-        kernel1, bias1 = self._folded(self.conv2)
-        kernel = kernel3 + F.pad(kernel1, [1, 1, 1, 1])  # centre the 1x1 tap in a 3x3 window
-        bias = bias3 + bias1
-        if self.bn is not None:
-            kernel_id, bias_id = self._identity_folded()
-            kernel, bias = kernel + kernel_id, bias + bias_id
-        return kernel, bias
+        return repconv_kernel_bias(self.conv1, self.conv2, self.bn)
 
     @torch.no_grad()
     def fuse_convs(self) -> None:
@@ -255,21 +250,7 @@ class RepConvN(nn.Module):
         if hasattr(self, "conv"):
             return
         kernel, bias = self.get_equivalent_kernel_bias()
-        reference = self.conv1.conv
-        self.conv = nn.Conv2d(
-            reference.in_channels,
-            reference.out_channels,
-            kernel_size=reference.kernel_size,
-            stride=reference.stride,
-            padding=reference.padding,
-            dilation=reference.dilation,
-            groups=reference.groups,
-            bias=True,
-            device=kernel.device,
-            dtype=kernel.dtype,
-        ).requires_grad_(False)
-        self.conv.weight.copy_(kernel)
-        self.conv.bias.copy_(bias)
+        self.conv = conv_like(self.conv1.conv, kernel, bias)
         del self.conv1
         del self.conv2
         del self.bn

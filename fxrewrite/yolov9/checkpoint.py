@@ -1,5 +1,8 @@
 """Reading and writing YOLOv9 training/inference checkpoints -- safely.
 
+Why this module is long: loading and saving are the two halves of one file format (the same
+pickled names, the same layer checks), kept together so that what is written is what is read.
+
 A checkpoint of the reference code is a ``torch.save`` zip whose ``data.pkl``
 pickles the whole model object (``models.yolo.DetectionModel`` made of
 ``models.common.*`` blocks). Unpickling arbitrary files runs arbitrary code,

@@ -7,8 +7,9 @@ model objects, so it names classes by their import path in that code base:
 
 * :func:`official_aliases` maps each official dotted name to *our*
   re-implementation (``fxrewrite.yolov9.blocks`` / ``heads`` / ``model``); the
-  saver writes our classes back under the official names.
-* :func:`register_block` adds a user-written class for a custom block.
+  saver writes our classes back under the official names. The names come from the
+  block catalogue (:mod:`fxrewrite.yolov9.catalogue`, re-exported here), as does
+  :func:`register_block`, which adds a user-written class for a custom block.
 * :func:`checkpoint_allow_list` is what the loader accepts, as data for the
   core safe loader (:mod:`fxrewrite.serialization`): the official names (and
   the torch layers the blocks are made of) as layer classes, which a file can
@@ -26,21 +27,18 @@ model objects, so it names classes by their import path in that code base:
 (True, False)
 >>> dict(allow.bound_methods), dict(allow.class_functions)
 ({'forward': 'forward_fuse'}, {'detect': 'forward'})
-
-(Not to be confused with ``fxrewrite.yolov9.model.register_block``, which
-teaches the *config builder* a module name; a custom block usually needs both.)
 """
 from __future__ import annotations
 
 import collections
 import os
 import pathlib
-import re
-import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .catalogue import official_aliases, official_name_of, register_block, unregister_block
 
 if TYPE_CHECKING:
     from ..serialization import AllowList
@@ -59,90 +57,6 @@ __all__ = [
 
 #: Modules of the reference code base whose classes may appear in a checkpoint.
 OFFICIAL_MODULES = ("models.common", "models.yolo")
-
-# Official location -> (our module, class name). Names are facts of the
-# checkpoint format; the official file layout puts layers (and DFL/Proto) in
-# models.common, heads and whole models in models.yolo.
-_BUILTIN_ALIASES = [
-    ("models.common", "blocks",
-     ["Conv", "AConv", "ADown", "ELAN1", "RepConvN", "RepNBottleneck", "RepNCSP", "RepNCSPELAN4",
-      "SP", "SPPELAN", "CBLinear", "CBFuse", "Silence", "Concat"]),
-    ("models.common", "heads", ["DFL", "Proto"]),
-    ("models.yolo", "heads",
-     ["Detect", "DDetect", "DualDetect", "DualDDetect", "TripleDetect", "TripleDDetect",
-      "Segment", "DSegment", "DualDSegment"]),
-    ("models.yolo", "model", ["DetectionModel", "SegmentationModel"]),
-]
-
-_lock = threading.Lock()
-_registered: dict[str, type] = {}  # official name -> user class (register_block)
-_builtin_cache: dict[str, type] | None = None
-
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
-
-
-def _builtin_aliases() -> dict[str, type]:
-    # Imported lazily: the model modules import heavy pieces of fxrewrite and
-    # this table is only needed when a checkpoint is actually read or written.
-    global _builtin_cache
-    if _builtin_cache is None:
-        import importlib
-
-        table: dict[str, type] = {}
-        for official_module, ours, names in _BUILTIN_ALIASES:
-            module = importlib.import_module(f"fxrewrite.yolov9.{ours}")
-            for name in names:
-                table[f"{official_module}.{name}"] = getattr(module, name)
-        _builtin_cache = table
-    return _builtin_cache
-
-
-def official_aliases() -> dict[str, type]:
-    """Official dotted name -> our class, including blocks added with :func:`register_block`."""
-    with _lock:
-        table = dict(_builtin_aliases())
-        table.update(_registered)
-    return table
-
-
-def official_name_of(cls: type) -> str | None:
-    """The official dotted name our class is saved under, or None if it has none."""
-    for name, ours in official_aliases().items():
-        if ours is cls:
-            return name
-    return None
-
-
-def register_block(cls: type, official_name: str) -> None:
-    """Teach the loader and saver a custom block class.
-
-    ``official_name`` is the dotted name the training code pickles the block
-    under, e.g. ``register_block(MyBlock, "models.common.MyBlock")``. ``cls``
-    must be an ``nn.Module`` subclass whose attribute names match the pickled
-    instances (the pickled ``__dict__`` is restored onto it without running
-    ``__init__``). Registering the same pair twice is a no-op; reusing a name
-    or a class for something else raises ``ValueError``.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_block: {cls!r} is not an nn.Module subclass")
-    if not isinstance(official_name, str) or not _DOTTED.match(official_name):
-        raise ValueError(f"register_block: {official_name!r} is not a dotted name like 'models.common.MyBlock'")
-    table = official_aliases()
-    if table.get(official_name, cls) is not cls:
-        raise ValueError(
-            f"register_block: {official_name} already loads as {table[official_name].__qualname__}"
-        )
-    for name, ours in table.items():
-        if ours is cls and name != official_name:
-            raise ValueError(f"register_block: {cls.__qualname__} is already registered as {name}")
-    with _lock:
-        _registered[official_name] = cls
-
-
-def unregister_block(official_name: str) -> None:
-    """Undo :func:`register_block` (built-in aliases cannot be removed)."""
-    with _lock:
-        _registered.pop(official_name, None)
 
 
 def _numpy_globals() -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """``fxrewrite convert``: a YOLOv9 training checkpoint (or a shipped config) -> GELAN inference checkpoint.
 
+Why this module is long: it holds the ``convert`` and ``draw`` commands and the option helpers
+and checks ``export`` shares (image sizes, verification, safe model loading).
+
 Writes ``OUT.pt`` (official layout, loads in the official detect.py/val.py/export.py),
 ``OUT.yaml`` (the derived config) and ``OUT.params.json`` (new tensor name -> original
 name; with ``--fuse``, a fused tensor maps to the list of tensors it was computed from),
@@ -221,7 +224,7 @@ def run_draw(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".dot", ".gv"):  # without Graphviz the DOT source goes to OUT.dot instead
         check_output(out.with_suffix(".dot"), force=True, inputs=inputs)
     rules = _rule_set(args.rules)
-    model, origin = _load(args)
+    model, origin = load_model(args)
     result = trace_and_rewrite(model, rules, ops=args.ops)
     drawing = draw_rewrite(result, view=args.view, clusters=layer_clusters(result, model.yaml),
                            title=f"{Path(args.input).name if args.input else args.config}: {args.view.replace('_', ' ')}"
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         from .fork import CodeTree, fork_classes_of
 
         tree = CodeTree(args.code)
-        model, origin = _load(args, tree)
+        model, origin = load_model(args, tree)
         classes = fork_classes_of(model, tree)
         from ..registry import using
 
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             rules = _rule_set(args.rules)
     else:
         rules = _rule_set(args.rules)
-        model, origin = _load(args)
+        model, origin = load_model(args)
     size = image_size(model, args.imgsz)  # before the conversion
     try:
         conversion = convert(model, rules, classes=classes)
@@ -371,18 +374,21 @@ def _outputs(args) -> dict[str, Path]:
     return found
 
 
-def _load(args, code=None) -> tuple[torch.nn.Module, str]:
+def load_model(args, code=None) -> tuple[torch.nn.Module, str]:
+    """The model a command reads: built from ``--config`` with random weights (seed ``--seed``), or
+    loaded safely from the input checkpoint (with ``code``: that trusted source tree's classes); returns
+    it in eval mode and a line saying where it came from."""
     if args.config:
-        from .model import ConfigError, DetectionModel, SegmentationModel
-        from .config import load_config
+        from .config import ConfigError, load_config
+        from .model import model_class_for
 
         cfg = load_config(args.config)
         torch.manual_seed(args.seed)
         try:
-            head = str(cfg["head"][-1][2])
+            head = cfg["head"][-1][2]
         except (KeyError, IndexError, TypeError):  # a malformed config: the builder says what is wrong
-            head = ""
-        cls = SegmentationModel if "Segment" in head else DetectionModel
+            head = None
+        cls = model_class_for(head if isinstance(head, (str, type)) else None)
         try:
             model = cls(cfg, nc=args.nc)
         except ConfigError as exc:  # built from a dict: name the file the dict came from

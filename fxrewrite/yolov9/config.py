@@ -1,4 +1,5 @@
-"""Access to the model configurations shipped in ``fxrewrite/yolov9/configs/``.
+"""Model config files: the configurations shipped in ``fxrewrite/yolov9/configs/``, reading a
+config file, and :class:`ConfigError` (a config that cannot be read or built).
 
 A configuration is referred to either by its shipped name (``"yolov9-c"``,
 with or without the ``.yaml`` suffix) or by a path to a YAML file.
@@ -13,10 +14,29 @@ import yaml
 
 from ..safe_yaml import MAX_TEXT_CHARS, YamlTooLarge, guarded_load
 
-__all__ = ["CONFIG_DIR", "shipped_configs", "resolve_config_path", "load_config"]
+__all__ = ["CONFIG_DIR", "ConfigError", "shipped_configs", "resolve_config_path", "load_config"]
 
 #: Folder holding the shipped ``*.yaml`` model descriptions.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A model config cannot be built.
+
+    The message names the config file (when the config came from one), the
+    layer index (when a single layer is at fault) and the problem.
+    """
+
+    def __init__(self, problem: str, *, source: str | None = None, layer: int | None = None):
+        self.problem = problem
+        self.source = source
+        self.layer = layer
+        where = []
+        if source:
+            where.append(str(source))
+        if layer is not None:
+            where.append(f"layer {layer}")
+        super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
 
 
 def shipped_configs() -> list[str]:
@@ -49,10 +69,8 @@ def load_config(name_or_path: str | os.PathLike) -> dict:
 
     Each call returns a new dict, so callers may modify the result freely.
     Raises ``FileNotFoundError`` for unknown names and
-    :class:`~fxrewrite.yolov9.model.ConfigError` for unparsable files.
+    :class:`ConfigError` for unparsable files.
     """
-    from .model import ConfigError  # deferred: model.py imports this module
-
     path = resolve_config_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")

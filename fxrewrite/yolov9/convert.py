@@ -1,5 +1,8 @@
 """Convert a YOLOv9 training model (auxiliary PGI branch) into its GELAN inference model.
 
+Why this module is long: the conversion and the derivation of its config are checked against
+each other (the derived config must build the converted layers), step by step below.
+
 The pipeline, with no layer index written anywhere:
 
 1. :func:`fxrewrite.trace` at layer granularity: one node per ``model.N`` layer,
@@ -48,6 +51,9 @@ from ..rules import RuleSet
 from ..shapes import ShapePropagationError, shape_tree
 from ..tensors import named_tensors
 from ..verify import VerifyReport, verify
+from .config import ConfigError
+from .inputs import (example_input, example_size as default_example_size, fixed_flags, input_channels,
+                     restore_modes, set_eval)
 
 # Where the main prediction sits in each training head's eval output, and in the
 # single head's (the converted model's) output. Facts of the official heads.
@@ -98,8 +104,6 @@ class Conversion:
         A fork's model is built by the fork's own class from the derived config; the plain settings
         a config cannot say (a BatchNorm's ``eps`` changed by the fork's initialisation code) are
         returned where they differ from what the config builds (the converted model keeps its own)."""
-        from .model import ConfigError
-
         if self.classes is not None:
             from .fork import build_from_config, setting_differences
 
@@ -118,14 +122,14 @@ class Conversion:
 
     def verify(self, inputs: torch.Tensor) -> VerifyReport:
         """Compare the converted model's output with the training model's main output on ``inputs``."""
-        modes = _set_eval(self.source), _set_eval(self.model)
+        modes = set_eval(self.source), set_eval(self.model)
         try:
             with self.classes.active() if self.classes is not None else contextlib.nullcontext():
                 return verify(self.source, self.model, inputs, select_original=main_output(self.source, inputs),
                               select_rewritten=SINGLE_OUTPUT)
         finally:
-            _restore(self.source, modes[0])
-            _restore(self.model, modes[1])
+            restore_modes(self.source, modes[0])
+            restore_modes(self.model, modes[1])
 
 
 def default_rules() -> RuleSet:
@@ -253,16 +257,16 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
     """
     _layers(model)
     rules = rules if rules is not None else default_rules()
-    modes = _set_eval(model)
+    modes = set_eval(model)
     try:
         reference = next((t for t in model.parameters() if t.is_floating_point()), torch.zeros(()))
-        size = example_size or _example_size(model)
+        size = example_size or default_example_size(model)
         # Same dtype and device as the weights: fp16 checkpoints and meta-device skeletons trace too.
         example = example_input(model, size, dtype=reference.dtype, device=reference.device)
-        gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=_fixed_flags(model))
+        gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=fixed_flags(model))
         return rewrite(gm, rules)
     finally:
-        _restore(model, modes)
+        restore_modes(model, modes)
 
 
 def check_against_config(model: nn.Module) -> None:
@@ -272,8 +276,6 @@ def check_against_config(model: nn.Module) -> None:
     The config is built on the ``meta`` device (no memory is allocated); tensors the config does not
     know (a fused model's biases) are not compared.
     """
-    from .model import ConfigError
-
     try:
         skeleton = _build(model, copy.deepcopy(model.yaml))
     except (ConfigError, TypeError, ValueError) as exc:
@@ -342,19 +344,17 @@ def _replaced_layer_entry(layer: nn.Module, old_args: list, old: int, config: di
     (``mode: bilinear``, not the replaced layer's). :func:`_check_config_describes` then
     checks that the line builds exactly this layer.
     """
-    from .model import _BLOCKS
+    from . import catalogue
 
     cls = type(layer)
-    names = [name for name, entry in _BLOCKS.items()
-             if entry.target is cls or (isinstance(entry.target, str)
-                                        and entry.target.rpartition(":")[2] == cls.__name__ and entry.resolve() is cls)]
+    names = catalogue.names_of(cls)
     if not names:
         raise ConversionError(f"layer {old} became a {cls.__qualname__}, which the config builder does not know: "
                               f"register it with fxrewrite.yolov9.register_block")
     name = min(names, key=lambda n: (n.startswith("torch."), len(n)))  # nn.Upsample before torch.nn.Upsample
     if not cls.__module__.startswith("torch.nn."):
         return name, copy.deepcopy(old_args)
-    role = _BLOCKS[name].role
+    role = catalogue.block(name).role
     if role == "batchnorm":  # the builder passes the input channels itself
         return name, []
     args = _constructor_args(layer, old)
@@ -397,7 +397,7 @@ def _constructor_args(layer: nn.Module, old: int) -> list:
 
 def _unscaled_channels(channels: int, width: float, old: int) -> int:
     """The channel count a config line must give for the builder's width scaling to make ``channels``."""
-    from .model import make_divisible
+    from .planner import make_divisible
 
     guess = max(1, round(channels / width))
     for value in (guess, guess - 1, guess + 1):
@@ -428,60 +428,13 @@ def _replaced(result: RewriteResult) -> bool:
     return bool(result.nodes_with_status("replaced"))
 
 
-def _input_channels(model: nn.Module) -> int:
-    return int(model.yaml.get("ch", 3))
-
-
-def example_input(model: nn.Module, size: int | tuple[int, int], batch: int = 1, *, dtype: torch.dtype | None = None,
-                  device: Any = None, generator: torch.Generator | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """An input of ``model``: zeros (or, with ``generator``, random values in [0, 1)) of its config's ``ch``
-    channels; a list of images when ``ch`` is a list (a fork whose model takes several images, one per entry)."""
-    h, w = (size, size) if isinstance(size, int) else size
-    ch = model.yaml.get("ch", 3)
-
-    def image(channels: int) -> torch.Tensor:
-        if generator is None:
-            return torch.zeros(batch, int(channels), h, w, dtype=dtype, device=device)
-        return torch.rand(batch, int(channels), h, w, generator=generator).to(dtype=dtype, device=device)
-
-    return [image(c) for c in ch] if isinstance(ch, (list, tuple)) else image(ch)
-
-
-def _example_size(model: nn.Module) -> int:
-    """The smallest image every level of the model accepts: the largest stride (32 for P5 models).
-
-    Shapes are propagated on it during the rewrite; small keeps that cheap (even in fp16 on a CPU).
-    """
-    stride = getattr(model, "stride", None)
-    return int(torch.as_tensor(stride).max().item()) if stride is not None else 32
-
-
-def _fixed_flags(model: nn.Module) -> dict[str, Any]:
-    """Keyword flags of ``forward`` (augment, profile, visualize) fixed to False while tracing."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return {name: False for name in ("augment", "profile", "visualize") if name in params}
-
-
-def _set_eval(model: nn.Module) -> dict[nn.Module, bool]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    return modes
-
-
-def _restore(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
-    for m, training in modes.items():
-        m.training = training
-
-
 def _build(model: nn.Module, config: dict, head: nn.Module | None = None) -> nn.Module:
-    from .model import DetectionModel, SegmentationModel
+    from .model import model_class_for
 
-    cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
+    cls = model_class_for(type(model.model[-1]))
     strides = _head_strides(head) or [float(s) for s in torch.as_tensor(model.stride).tolist()]
     with torch.device("meta"):
-        return cls(config, ch=_input_channels(model), strides=strides)
+        return cls(config, ch=input_channels(model), strides=strides)
 
 
 def _head_strides(head: nn.Module | None) -> list[float] | None:
@@ -503,10 +456,11 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
     the official code becomes its registered twin). Returns the model and new tensor name
     -> origin in the training model, from the rewrite's provenance.
     """
-    from .model import DetectionModel, SegmentationModel, activations_in_place
+    from .model import model_class_for
+    from .planner import activations_in_place
 
     entries = list(config["backbone"]) + list(config["head"])
-    from .classes import official_aliases
+    from .catalogue import official_aliases
 
     twins = official_aliases()  # official class path -> fxrewrite's class of the same layout
 
@@ -535,8 +489,7 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
         from .fork import assemble
 
         return assemble(model, config, layers), param_map
-    cls = SegmentationModel if "Segment" in type(model.model[-1]).__name__ else DetectionModel
-    return cls.from_layers(config, layers), param_map
+    return model_class_for(type(model.model[-1])).from_layers(config, layers), param_map
 
 
 def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node], converted: nn.Module,
@@ -550,10 +503,10 @@ def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node],
     weights contradict its config, reported by :func:`check_against_config` naming the tensor.
     :meth:`Conversion.check_config` compares every tensor (``--verify``).
     """
-    from .model import ConfigError, _plan_layers, initialize_weights
+    from .planner import initialize_weights, plan_layers
 
     try:
-        plans = _plan_layers(copy.deepcopy(config), _input_channels(model), None)
+        plans = plan_layers(copy.deepcopy(config), input_channels(model), None)
     except ConfigError as exc:
         raise ConversionError(f"the derived config cannot be built: {exc}") from None
     for k, (plan, node) in enumerate(zip(plans, kept)):

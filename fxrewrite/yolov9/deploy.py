@@ -50,13 +50,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..context import REPLACED, Origin, RewriteContext
 from ..engine import rewrite
 from ..errors import FxRewriteError
-from ..modules import (BIAS_SOURCES, WEIGHT_SOURCES, check_foldable, conv_like, copy_module, fold_batchnorm,
+from ..modules import (BIAS_SOURCES, WEIGHT_SOURCES, check_foldable, conv_like, copy_module,
                        set_forward, sources_with)
 from ..naming import class_matches
 from ..pattern import Match
@@ -68,8 +67,8 @@ from ..shapes import propagate_shapes
 from ..tensors import named_tensors
 from ..tracing import TRACE_META, trace as fx_trace
 from ..verify import Tolerance, VerifyReport, verify
-from .blocks import Conv, RepConvN
-from .convert import _example_size, _fixed_flags, _input_channels, _restore, _set_eval
+from .blocks import Conv, RepConvN, repconv_kernel_bias
+from .inputs import example_size, fixed_flags, input_channels, restore_modes, set_eval
 
 __all__ = ["Fusion", "FusionError", "fuse", "deploy_rules", "unfused_blocks", "compose_param_maps"]
 
@@ -104,12 +103,12 @@ class Fusion:
         from .tolerances import fusion_tolerance
 
         tolerance = tolerance if tolerance is not None else fusion_tolerance(inputs.dtype)
-        modes = _set_eval(self.source), _set_eval(self.model)
+        modes = set_eval(self.source), set_eval(self.model)
         try:
             return verify(self.source, self.model, inputs, tolerance=tolerance)
         finally:
-            _restore(self.source, modes[0])
-            _restore(self.model, modes[1])
+            restore_modes(self.source, modes[0])
+            restore_modes(self.model, modes[1])
 
 
 def deploy_rules() -> RuleSet:
@@ -141,18 +140,18 @@ def fuse(model: nn.Module, rules: RuleSet | None = None, *, example: torch.Tenso
     if example is None and check_shapes:
         if not hasattr(model, "yaml"):
             raise FusionError(f"{type(model).__name__} has no config (.yaml): pass an example input")
-        size = _example_size(model)
-        example = torch.zeros(1, _input_channels(model), size, size, dtype=reference.dtype, device=reference.device)
-    modes = _set_eval(work)
+        size = example_size(model)
+        example = torch.zeros(1, input_channels(model), size, size, dtype=reference.dtype, device=reference.device)
+    modes = set_eval(work)
     try:
         work.train()  # the structural trace: see the module docstring
-        gm = fx_trace(work, leaf_classes=leaves, concrete_args=_fixed_flags(work))
+        gm = fx_trace(work, leaf_classes=leaves, concrete_args=fixed_flags(work))
         work.eval()
         if check_shapes:
             propagate_shapes(gm, example)
         result = rewrite(gm, rules, check_shapes=check_shapes)
     finally:
-        _restore(work, modes)
+        restore_modes(work, modes)
     unreached = _unreached(work, gm, leaves)
     if unreached and strict:
         hidden = gm.meta[TRACE_META].auto_leaves
@@ -232,13 +231,9 @@ def fuse_repconv(ctx: RewriteContext, match: Match, *, node: fx.Node, forward: s
         ctx.refuse(f"{where}: not a RepConvN with conv1/conv2 branches ({exc})")
     except ValueError as exc:
         ctx.refuse(str(exc))
-    w3, b3 = fold_batchnorm(conv3.weight, conv3.bias, branch3.bn)
-    w1, b1 = fold_batchnorm(conv1.weight, conv1.bias, branch1.bn)
-    with torch.no_grad():
-        weight, bias = w3 + F.pad(w1, [1, 1, 1, 1]), b3 + b1  # the 1x1 tap sits at the 3x3 centre
-        if identity is not None:
-            w_id, b_id = fold_batchnorm(_identity_kernel(conv3, where, ctx), None, identity)
-            weight, bias = weight + w_id, bias + b_id
+    if identity is not None and (conv3.in_channels != conv3.out_channels or tuple(conv3.stride) != (1, 1)):
+        ctx.refuse(f"{where}: an identity branch needs equal in/out channels and stride 1")
+    weight, bias = repconv_kernel_bias(branch3, branch1, identity)
     new = copy_module(old)
     for attr in ("conv1", "conv2", "bn", "id_tensor", "nm"):  # what the official fuse_convs deletes
         if attr in new.__dict__ or attr in new._modules or attr in new._buffers:
@@ -256,14 +251,3 @@ def fuse_repconv(ctx: RewriteContext, match: Match, *, node: fx.Node, forward: s
                       ((f"{b}.conv.bias",) if b != "bn" and getattr(old, b).conv.bias is not None else ())
                       + tuple(f"{bn_of[b]}.{t}" for t in BIAS_SOURCES))
     ctx.set_module(node, new, sources_with(new, {"conv.weight": weight_from, "conv.bias": bias_from}))
-
-
-def _identity_kernel(conv: nn.Conv2d, where: str, ctx: RewriteContext) -> torch.Tensor:
-    """The 3x3 kernel of the identity map (for the optional BatchNorm identity branch)."""
-    if conv.in_channels != conv.out_channels or tuple(conv.stride) != (1, 1):
-        ctx.refuse(f"{where}: an identity branch needs equal in/out channels and stride 1")
-    per_group = conv.in_channels // conv.groups
-    kernel = torch.zeros(conv.out_channels, per_group, 3, 3, dtype=conv.weight.dtype, device=conv.weight.device)
-    channels = torch.arange(conv.out_channels, device=conv.weight.device)
-    kernel[channels, channels % per_group, 1, 1] = 1.0
-    return kernel

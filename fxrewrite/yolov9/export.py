@@ -1,5 +1,8 @@
 """``fxrewrite export``: a YOLOv9 checkpoint -> ONNX (and/or a ``torch.export`` program, ``.pt2``).
 
+Why this module is long: the two export formats share preparation, size checks and
+verification, and the ``export`` command runs them; one file keeps that path readable.
+
 The input is a training checkpoint (converted on the fly: only the main branch
 is exported), an already converted or fused one, or ``--config NAME`` (random
 weights, no download). With ``--fuse`` the deployment rules (``rules/deploy.yaml``)
@@ -31,6 +34,7 @@ from torch import nn
 from ..errors import FxRewriteError
 from ..io import atomic_write, atomic_writes, check_output
 from ..verify import VerifyReport, compare
+from .inputs import example_input
 from .tolerances import export_tolerance
 
 __all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "onnx_bytes", "pt2_bytes",
@@ -131,8 +135,6 @@ def export_mode(model: nn.Module, *, dynamic: bool = False) -> Iterator[nn.Modul
 def example_image(model: nn.Module, imgsz: Sequence[int], batch: int = 1, *, seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A random image batch of the model's input channels; ``imgsz`` is ``[N]`` or ``[H, W]``."""
-    from .convert import example_input
-
     return example_input(model, _size(imgsz), batch, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
@@ -354,7 +356,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _load, check_verification, image_size, input_files, verification_image
+    from .cli import check_verification, image_size, input_files, load_model, verification_image
 
     outputs = {kind: Path(p) for kind, p in (("onnx", args.onnx), ("pt2", args.pt2)) if p}
     if not outputs:
@@ -374,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     if len({p.resolve() for p in outputs.values()}) != len(outputs):
         raise ExportError(f"export: --onnx and --pt2 name the same file {args.onnx}")
     started = time.perf_counter()
-    model, origin = _load(args)
+    model, origin = load_model(args)
     size = image_size(model, args.imgsz)  # before the (slower) conversion
     prepared = prepare(model, fuse=args.fuse)
     print(f"source: {origin}")

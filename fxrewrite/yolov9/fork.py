@@ -324,7 +324,7 @@ def assemble(source: nn.Module, config: dict, layers: list[nn.Module]) -> nn.Mod
     ``yaml`` becomes ``config``, ``save`` is recomputed from the layers' ``f``, and
     ``stride`` is the new head's.
     """
-    from .model import save_indices
+    from .planner import save_indices
 
     cls = type(source)
     model = cls.__new__(cls)

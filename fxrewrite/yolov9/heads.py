@@ -1,5 +1,8 @@
 """Anchor-free YOLOv9 detection and segmentation heads.
 
+Why this module is long: the nine official heads share their branch builders, anchors and
+decoding; they are written once here as small subclasses of a few shared bases.
+
 These classes reproduce the heads of the reference YOLOv9 code base
 (WongKinYiu/yolov9) closely enough that
 

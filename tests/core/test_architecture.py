@@ -171,9 +171,9 @@ def test_each_core_module_imports_on_its_own():
     assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
-def test_each_core_module_says_what_it_owns_and_is_readable(name):
-    text = CORE[name].read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", sorted(MODULES))  # the core and the plug-in alike
+def test_each_module_says_what_it_owns_and_is_readable(name):
+    text = MODULES[name].read_text(encoding="utf-8")
     docstring = ast.get_docstring(ast.parse(text))
     assert docstring and len(docstring.split()) >= 8, f"{name} needs a docstring saying what it owns"
     lines = text.count("\n")
@@ -188,3 +188,52 @@ def test_architecture_md_names_every_core_module():
             continue
         shown = f"`{path.name}`" if path.parent == PACKAGE else f"`{path.parent.name}/`"
         assert shown in doc, f"docs/architecture.md does not place {name} ({shown})"
+
+
+# -- the YOLOv9 plug-in ------------------------------------------------------------------------
+PLUG_IN = {name: path for name, path in MODULES.items() if name not in CORE}
+
+
+def private_imports(name: str) -> list[str]:
+    """``from <fxrewrite module> import _name`` in ``name``: a private helper of another module."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = _resolve(name, node.level, node.module)
+            if base.startswith("fxrewrite"):
+                found += [f"{base}.{alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and f"{base}.{alias.name}" not in MODULES]
+    return found
+
+
+def test_the_private_import_check_sees_one():
+    assert private_imports("fxrewrite.yolov9.checkpoint") == []
+    tree_source = "from .convert import _helper\nfrom __future__ import annotations\n"
+    assert [n.names[0].name for n in ast.walk(ast.parse(tree_source)) if isinstance(n, ast.ImportFrom)
+            and n.names[0].name.startswith("_") and n.module != "__future__"] == ["_helper"]
+
+
+@pytest.mark.parametrize("name", sorted(PLUG_IN))
+def test_plug_in_modules_use_only_public_names_of_each_other(name):
+    assert private_imports(name) == [], f"{name} imports private helpers: give them public names"
+
+
+def test_the_plug_in_lists_its_blocks_in_one_place():
+    """Block classes are listed in the catalogue only: no other plug-in module writes a table of
+    block names (a module's ``__all__`` lists its own names, not a table)."""
+    for name, path in PLUG_IN.items():
+        if name.endswith(".catalogue"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        exported = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == "__all__" for t in node.targets)}  # a module's own names
+        tables = [node for node in ast.walk(tree) if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict))
+                  and id(node) not in exported
+                  and sum(isinstance(e, ast.Constant) and e.value in BLOCK_NAMES
+                          for e in getattr(node, "elts", None) or getattr(node, "keys", [])) >= 5]
+        assert tables == [], f"{name} writes a list of block names (line {tables[0].lineno}); use the catalogue"
+
+
+BLOCK_NAMES = {"Conv", "AConv", "ADown", "ELAN1", "RepConvN", "RepNBottleneck", "RepNCSP", "RepNCSPELAN4", "SP",
+               "SPPELAN", "CBLinear", "CBFuse", "Silence", "Concat", "Detect", "DDetect", "DualDetect",
+               "DualDDetect", "TripleDetect", "TripleDDetect", "Segment", "DSegment", "DualDSegment"}

@@ -22,7 +22,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxrewrite.yolov9 import blocks
+from fxrewrite import registry
+from fxrewrite.registry import RegistrationError
+from fxrewrite.yolov9 import blocks, catalogue
 from fxrewrite.yolov9.config import CONFIG_DIR, load_config, shipped_configs
 from fxrewrite.yolov9.model import (
     ConfigError,
@@ -31,7 +33,6 @@ from fxrewrite.yolov9.model import (
     parse_model,
     register_block,
     registered_blocks,
-    unregister_block,
 )
 
 try:
@@ -317,17 +318,31 @@ def test_register_block_plugin():
             return self.conv(x) * 2
 
     config = tiny_config([[-1, 1, "Doubler", [16]], [-1, 1, "Conv", [8, 3, 1]]])
-    register_block(Doubler, role="scaled")
-    try:
+    with catalogue.scoped():
+        assert register_block(Doubler, role="scaled") is Doubler
         assert registered_blocks()["Doubler"] == "scaled"
-        with pytest.raises(ValueError, match="already registered"):
-            register_block(nn.Identity, "Doubler")
+        assert register_block(Doubler, role="scaled") is Doubler  # the same row again: a no-op
+        with pytest.raises(RegistrationError, match="block name 'Doubler' is already registered .*; pass replace=True"):
+            register_block(nn.Identity, name="Doubler")
+        with pytest.raises(RegistrationError, match="already registered"):
+            register_block(Doubler, role="same")  # another role is another row
         model = meta_model(config)
         assert model.model[0].conv.in_channels == 3 and model.model[1].conv.in_channels == 16
         assert model.model[0].type.endswith("Doubler")
-    finally:
-        unregister_block("Doubler")
-    assert "Doubler" not in registered_blocks()
+        # one registration, every table: configs, checkpoints and rule files
+        assert catalogue.official_aliases()["models.common.Doubler"] is Doubler
+        assert registry.module_class("Doubler") is Doubler
+        register_block(nn.Identity, "models.common.Doubler2", name="Doubler", replace=True)
+        assert registered_blocks()["Doubler"] == "same" and registry.module_class("Doubler") is nn.Identity
+    assert "Doubler" not in registered_blocks() and registry.module_class("Doubler") is None
+    assert "models.common.Doubler" not in catalogue.official_aliases()
+
+
+def test_builtin_blocks_cannot_be_unregistered():
+    with pytest.raises(ValueError, match="'Conv' is a built-in block"):
+        catalogue.unregister_block("Conv")
+    with pytest.raises(KeyError, match="no block registered under 'Nope'"):
+        catalogue.unregister_block("Nope")
 
 
 def test_parse_model_does_not_mutate_input():
@@ -350,7 +365,7 @@ def test_error_unknown_module():
     known = ", ".join(sorted(registered_blocks()))
     assert message == (
         f"layer 2: unknown module 'Foo'. Known modules: {known}. Register your own with "
-        "fxrewrite.yolov9.model.register_block(YourClass, name='Foo', role=...)"
+        "fxrewrite.yolov9.register_block(YourClass, name='Foo', role=...)"
     )
 
 

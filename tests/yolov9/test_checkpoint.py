@@ -19,6 +19,7 @@ from torch import nn
 from fxrewrite.io import OutputError
 from fxrewrite.yolov9 import checkpoint as ckpt_mod
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
+from fxrewrite.yolov9.catalogue import scoped
 from fxrewrite.yolov9.classes import official_aliases, register_block, unregister_block
 from fxrewrite.yolov9.model import DetectionModel
 
@@ -528,11 +529,9 @@ class MyBlock(nn.Module):
 
 def test_unknown_custom_block_and_register_block(tmp_path):
     path = tmp_path / "custom.pt"
-    register_block(MyBlock, "models.common.MyBlock")
-    try:
+    with scoped():
+        register_block(MyBlock, "models.common.MyBlock")
         save_checkpoint(MyBlock(), path)
-    finally:
-        unregister_block("models.common.MyBlock")
     assert "models.common.MyBlock" in raw_globals(path)
 
     with pytest.raises(CheckpointError) as err:
@@ -547,7 +546,8 @@ def test_unknown_custom_block_and_register_block(tmp_path):
     try:
         loaded = load_checkpoint(path)
     finally:
-        unregister_block("models.common.MyBlock")
+        unregister_block("models.common.MyBlock")  # by its official name; the catalogue forgets it
+    assert "models.common.MyBlock" not in official_aliases()
     assert type(loaded.model) is MyBlock
     assert loaded.model(torch.ones(1, 3, 2, 2)).shape == (1, 4, 2, 2)
 

@@ -119,8 +119,7 @@ def test_a_rule_building_a_layer_its_config_line_does_not_describe_is_refused():
     with its widths in the right order, but the line keeps the original arguments, which the new
     class reads the other way round, so the config would build other tensors."""
     from fxrewrite import load_rules
-    from fxrewrite import registry
-    from fxrewrite.yolov9 import classes, model as builder, register_block
+    from fxrewrite.yolov9 import catalogue, register_block
     from fxrewrite.yolov9.blocks import ELAN1
 
     class Swapped(ELAN1):
@@ -131,18 +130,14 @@ def test_a_rule_building_a_layer_its_config_line_does_not_describe_is_refused():
     training = training_model("yolov9-t")
     elan = training.model[2]
     c1, c3, c4 = elan.cv1.conv.in_channels, elan.cv1.conv.out_channels, elan.cv3.conv.out_channels
-    register_block(Swapped, role="scaled")
-    try:
+    with catalogue.scoped():
+        register_block(Swapped, role="scaled")
         swap = {"name": "swap-elan", "pattern": {"module_class": "ELAN1", "module_name": "model.2"},
                 "action": "replace", "args": {"with": "ELAN1Swapped", "init": {
                     "c1": c1, "c2": elan.cv4.conv.out_channels, "c4": c4, "c3": c3}}}
         rules = load_rules(yaml.safe_dump({"rules": [swap]})) + load_rules("yolov9")
         with pytest.raises(ConversionError) as err:
             convert(training, rules)
-    finally:
-        builder.unregister_block("ELAN1Swapped")
-        classes.unregister_block("models.common.ELAN1Swapped")
-        registry._MODULE_CLASSES.pop("ELAN1Swapped")
     assert (c3, c4) == (32, 16)
     assert str(err.value) == ("the derived config does not describe the converted model: "
                               f"model.2.cv1.conv.weight has shape (32, {c1}, 1, 1), the config makes it (16, {c1}, 1, 1)")

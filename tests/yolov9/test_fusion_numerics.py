@@ -4,6 +4,8 @@ and checks that fail when a BatchNorm is not folded in.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,11 @@ def test_the_fused_gelan_is_bitwise_the_official_fuse_with_trained_looking_batch
     x = image(160)
     with torch.no_grad():
         assert torch.equal(fused().model(x)[0], reference(x)[0])
+    # The model's own fuse() (the official method, in place) folds through the same core maths.
+    with torch.no_grad():
+        in_place = copy.deepcopy(source).eval().fuse()
+    assert in_place.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in in_place.state_dict().items())
 
 
 @requires_official
@@ -114,19 +121,20 @@ def test_fold_batchnorm_with_trained_statistics_and_a_check_that_sees_a_dropped_
 
 def test_fusion_verify_fails_when_the_batchnorms_are_not_folded_in(monkeypatch):
     # A fold that ignores the BatchNorm (a plausible bug): the fused model's --verify must FAIL.
-    from fxrewrite.actions import fuse as core_fuse
-    from fxrewrite.yolov9 import deploy
+    from fxrewrite import modules
+    from fxrewrite.yolov9 import blocks
 
     def ignore_batchnorm(weight, bias, bn):
         return weight, bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
 
-    monkeypatch.setattr(core_fuse, "fold_batchnorm", ignore_batchnorm)
-    monkeypatch.setattr(deploy, "fold_batchnorm", ignore_batchnorm)
+    real = fused()  # folded before the patch
+    monkeypatch.setattr(modules, "fold_batchnorm", ignore_batchnorm)  # Conv+BN folding (modules.folded_conv)
+    monkeypatch.setattr(blocks, "fold_batchnorm", ignore_batchnorm)  # RepConvN merging (blocks.repconv_kernel_bias)
     broken = fuse(converted().model)
     report = broken.verify(image(64))
     assert not report.passed and report.max_abs_diff > 1.0
     assert report.summary().startswith("FAIL: 4 output tensor(s)")
-    assert fused().verify(image(64)).passed  # the real fold passes the same check
+    assert real.verify(image(64)).passed  # the real fold passes the same check
 
 
 def test_the_stated_fusion_tolerance_is_what_fusion_verify_uses():

@@ -1,0 +1,67 @@
+"""What tracing a YOLOv9 model needs, shared by conversion and deployment: its input channels, an
+example image size, the ``forward`` flags fixed while tracing, and eval mode for the duration.
+
+>>> import torch
+>>> from fxrewrite.yolov9 import DetectionModel
+>>> with torch.device("meta"):
+...     model = DetectionModel("gelan-t", strides=[8, 16, 32])
+>>> input_channels(model), example_size(model), fixed_flags(model)
+(3, 32, {'augment': False, 'profile': False, 'visualize': False})
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["input_channels", "example_input", "example_size", "fixed_flags", "set_eval", "restore_modes"]
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels the model's config says it reads (3 unless ``ch`` says otherwise)."""
+    return int(model.yaml.get("ch", 3))
+
+
+def example_input(model: nn.Module, size: int | tuple[int, int], batch: int = 1, *, dtype: torch.dtype | None = None,
+                  device: Any = None, generator: torch.Generator | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """An input of ``model``: zeros (or, with ``generator``, random values in [0, 1)) of its config's ``ch``
+    channels; a list of images when ``ch`` is a list (a fork whose model takes several images, one per entry)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    ch = model.yaml.get("ch", 3)
+
+    def image(channels: int) -> torch.Tensor:
+        if generator is None:
+            return torch.zeros(batch, int(channels), h, w, dtype=dtype, device=device)
+        return torch.rand(batch, int(channels), h, w, generator=generator).to(dtype=dtype, device=device)
+
+    return [image(c) for c in ch] if isinstance(ch, (list, tuple)) else image(ch)
+
+
+def example_size(model: nn.Module) -> int:
+    """The smallest image every level of the model accepts: the largest stride (32 for P5 models).
+
+    Shapes are propagated on it during a rewrite; small keeps that cheap (even in fp16 on a CPU).
+    """
+    stride = getattr(model, "stride", None)
+    return int(torch.as_tensor(stride).max().item()) if stride is not None else 32
+
+
+def fixed_flags(model: nn.Module) -> dict[str, Any]:
+    """Keyword flags of ``forward`` (augment, profile, visualize) fixed to False while tracing."""
+    params = inspect.signature(model.forward).parameters
+    return {name: False for name in ("augment", "profile", "visualize") if name in params}
+
+
+def set_eval(model: nn.Module) -> dict[nn.Module, bool]:
+    """Put every module of ``model`` in eval mode; returns the modes :func:`restore_modes` puts back."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    return modes
+
+
+def restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Undo :func:`set_eval` (the user's model is left as it was given)."""
+    for m, training in modes.items():
+        m.training = training
