@@ -30,11 +30,12 @@ loaded, converted and saved with the fork's classes only:
 ...     def helper():
 ...         pass
 ... '''))
+>>> import sys; before = sys.modules.get("models.common")
 >>> tree = CodeTree(root)
 >>> tree.find_class("models.common.Gate").__name__, tree.find_class("models.common.helper")
 ('Gate', None)
->>> import sys; "models.common" in sys.modules    # imported aside: the caller's modules are untouched
-False
+>>> sys.modules.get("models.common") is before    # imported aside: the caller's modules are untouched
+True
 """
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def _top(name: str) -> str:
     return name.partition(".")[0]
 
 
+# Top-level names a source tree never takes over while it is imported (a vendored copy of torch or a
+# folder named like a standard module would otherwise replace the real one in sys.modules).
+_NEVER_TREE = frozenset(getattr(sys, "stdlib_module_names", ())) | {
+    "torch", "torchvision", "numpy", "yaml", "fxrewrite", "networkx", "graphviz", "safetensors", "onnx",
+    "onnxruntime", "pytest", "_pytest", "pkg_resources", "setuptools", "pip", "typing_extensions"}
+
+
 class CodeTree:
     """A fork's source tree: the folder that holds ``models/`` (``--code .`` from inside a fork)."""
 
@@ -90,7 +98,7 @@ class CodeTree:
                             "checkpoint was trained with (the folder that holds models/)")
         #: top-level names the tree provides: its packages (folders with Python files) and modules
         self.packages = frozenset(
-            p.stem for p in self.root.iterdir() if p.stem.isidentifier() and (
+            p.stem for p in self.root.iterdir() if p.stem.isidentifier() and p.stem not in _NEVER_TREE and (
                 (p.is_dir() and any(p.glob("*.py"))) or (p.is_file() and p.suffix == ".py")))
         self._modules: dict[str, types.ModuleType] = {}  # the tree's modules while they are put aside
         self._depth = 0
@@ -310,10 +318,10 @@ def fork_classes_of(model: nn.Module, tree: CodeTree | None = None) -> ForkClass
 
 
 def is_fork_model(model: nn.Module) -> bool:
-    """Whether ``model`` is made of classes that are neither fxrewrite's nor torch's (a fork's own, or the
-    official code's): it is then converted with its own classes."""
-    return any(not (type(m).__module__.startswith(("torch.", "fxrewrite.")) or type(m).__module__ == "torch")
-               for m in model.modules())
+    """Whether ``model`` was built by other code than fxrewrite's (a fork's, or the official code): its
+    model class is not fxrewrite's. It is then converted with its own classes. (An fxrewrite model with
+    a few user blocks added by ``register_block`` is fxrewrite's.)"""
+    return not type(model).__module__.startswith("fxrewrite.")
 
 
 # -- the converted model, in the fork's classes -----------------------------------------------

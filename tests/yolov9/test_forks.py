@@ -607,3 +607,18 @@ def test_fuse_with_code_is_refused_before_any_work(built, tmp_path):
     assert (code, out) == (1, "")
     assert err == ("fxrewrite: error: --fuse with --code: fusion would put fxrewrite's own layers into the fork's "
                    "model; convert without --fuse, then fuse with the fork's code (model.fuse())\n")
+
+
+def test_a_tree_never_takes_over_torch_or_the_standard_library(tmp_path):
+    from fxrewrite.yolov9.fork import CodeTree
+
+    for name in ("models/common.py", "utils/general.py", "torch/__init__.py", "json.py", "export.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "data").mkdir()  # no Python files: not a package of the tree
+    tree = CodeTree(tmp_path)
+    assert tree.packages == {"models", "utils", "export"}
+    with tree.imported():
+        import torch as inside
+
+    assert inside is torch
