@@ -53,6 +53,12 @@ class _ShapeProp(ShapeProp):
         self.values: dict[str, Any] | None = {}  # node name -> value, while under VALUES_LIMIT_BYTES
         self._bytes = 0
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # Plain lists, as the generated code passes them: a layer may assign into the list it is
+        # given (the official DDetect does `x[i] = ...`), which fx's immutable_list refuses.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return tuple(_mutable(a) for a in args), {k: _mutable(v) for k, v in kwargs.items()}
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = fx.Interpreter.run_node(self, n)
@@ -100,6 +106,10 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
         return _extract_tensor_metadata(t)
     memory_format = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
+def _mutable(value: Any) -> Any:
+    return [_mutable(v) for v in value] if isinstance(value, list) else value
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None) -> Any:

@@ -34,6 +34,7 @@ by their official names, so the file also loads in the reference code.
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import json
 import os
@@ -82,6 +83,8 @@ class LoadedCheckpoint:
     entries: dict[str, Any] = field(default_factory=dict)
     #: floating-point dtype of the weights as stored (fp16 for train.py/train_dual.py files)
     stored_dtype: torch.dtype | None = None
+    #: the trusted source tree the classes came from (``load_checkpoint(code=...)``), else None
+    code: Any = None
 
     @property
     def epoch(self) -> Any:
@@ -108,9 +111,12 @@ def _is_block_name(name: str) -> bool:
             and all(p.isidentifier() and p.islower() and p not in _NOT_MODEL_CODE for p in middle))
 
 
-def _vet_globals(found: set[str], shown: str) -> None:
-    """Explain a refusal from every global the pickle names (raises; returns if nothing is wrong)."""
-    allowed = checkpoint_allow_list().names()
+def _vet_globals(found: set[str], shown: str, allowed: Iterable[str] | None = None, code: Any = None) -> None:
+    """Explain a refusal from every global the pickle names (raises; returns if nothing is wrong).
+
+    ``allowed``: the names the loader accepted (default: the official ones); ``code``: the trusted
+    source tree they came from (``--code``), if any."""
+    allowed = set(checkpoint_allow_list().names() if allowed is None else allowed)
     ultralytics = sorted(n for n in found if n.startswith("ultralytics."))
     if ultralytics:
         raise CheckpointError(
@@ -133,22 +139,34 @@ def _vet_globals(found: set[str], shown: str) -> None:
             "something reached through it (a function, a module or an attribute); refused as unsafe; "
             "nothing from the file was executed"
         )
+    if unknown_blocks and code is not None:
+        raise CheckpointError(
+            f"{shown}: the model uses {'a class' if len(unknown_blocks) == 1 else 'classes'} that the source tree "
+            f"{code.shown} does not define: {', '.join(unknown_blocks)}; give --code the root of the tree the "
+            "checkpoint was trained with (the folder that holds models/)"
+        )
     if unknown_blocks:
         example = unknown_blocks[0]
         raise CheckpointError(
             f"{shown}: the model uses block classes unknown to fxrewrite: {', '.join(unknown_blocks)}; "
-            f"implement each as an nn.Module and register it before loading, e.g. "
+            "if you trust the code they come from, rerun with --code PATH_TO_THAT_REPO (the folder that holds "
+            "models/; from Python: load_checkpoint(path, code=PATH)); library users may instead implement each "
+            f"as an nn.Module and register it before loading, e.g. "
             f"{_REGISTER_HINT}({example.rsplit('.', 1)[1]}, {example!r})"
         )
 
 
-def _explain_refusal(exc: RefusedGlobal, shown: str) -> CheckpointError:
+def _explain_refusal(exc: RefusedGlobal, shown: str, allowed: Iterable[str] | None = None,
+                     code: Any = None) -> CheckpointError:
     """The loader refused a name: list every global the pickle names (nothing runs) and say what is wrong."""
     try:
         found = pickle_globals(exc.pickle) | {exc.name}
     except Exception:  # noqa: BLE001 - genops on a truncated or garbage opcode stream: the first name is enough
         found = {exc.name}
-    _vet_globals(found, shown)
+    if code is None:
+        _vet_globals(found, shown)  # the official names
+    else:
+        _vet_globals(found, shown, allowed, code)
     return CheckpointError(str(exc))
 
 
@@ -252,7 +270,7 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32,
-                    mmap: bool = False) -> LoadedCheckpoint:
+                    mmap: bool = False, code: Any = None) -> LoadedCheckpoint:
     """Load a YOLOv9 checkpoint (train.py / train_dual.py layout) into our classes.
 
     Nothing from the file is executed and the reference code is not needed.
@@ -263,13 +281,26 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     write: the file is never modified; it must not be changed in place while the
     tensors are in use). Every tensor's record is checked (size, CRC-32) either
     way. Raises :class:`CheckpointError` naming the file and the problem.
+
+    ``code``: the root of the trusted source tree the checkpoint was trained with (a path
+    or a :class:`~fxrewrite.yolov9.fork.CodeTree`): every class the file names is then the
+    class that tree defines at that module path (fxrewrite's twins are never used), and
+    only those classes, torch's layers and plain data are accepted
+    (:mod:`fxrewrite.yolov9.fork`).
     """
     shown = os.fspath(path)
     file = Path(shown)
+    tree = None
+    allow = checkpoint_allow_list()
+    if code is not None:
+        from .fork import as_code_tree
+
+        tree = as_code_tree(code)
+        allow = tree.allow_list(_named_globals(file, shown))
     try:
-        obj = safe_load(file, checkpoint_allow_list(), mmap=mmap, shown=shown, max_pickle_bytes=MAX_PICKLE_BYTES)
+        obj = safe_load(file, allow, mmap=mmap, shown=shown, max_pickle_bytes=MAX_PICKLE_BYTES)
     except RefusedGlobal as exc:
-        raise _explain_refusal(exc, shown) from None
+        raise _explain_refusal(exc, shown, allow.names(), tree) from None
     except LoadError as exc:
         raise CheckpointError(str(exc)) from None
     model, which, entries = _pick_model(obj, shown)
@@ -282,7 +313,23 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = torch.float32
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"{shown}: the pickled model is malformed ({type(exc).__name__}"
                               f"{': ' + first if first else ''})") from None
-    return LoadedCheckpoint(path=file, model=model, weights=which, entries=entries, stored_dtype=stored)
+    return LoadedCheckpoint(path=file, model=model, weights=which, entries=entries, stored_dtype=stored, code=tree)
+
+
+def _named_globals(file: Path, shown: str) -> set[str]:
+    """Every global the checkpoint's pickle names, found without unpickling (the tree's classes among
+    them are imported: only those are offered to the loader)."""
+    from ..serialization.archive import TorchArchive
+
+    try:
+        with TorchArchive(file, shown=shown, max_pickle_bytes=MAX_PICKLE_BYTES) as archive:
+            data = archive.pickle_bytes()
+    except LoadError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        return pickle_globals(data)
+    except Exception:  # noqa: BLE001 - a malformed opcode stream: the loader then says what is wrong
+        return set()
 
 
 # --------------------------------------------------------------------------- #
@@ -480,7 +527,8 @@ def save_checkpoint(
     return Path(shown).expanduser().resolve()
 
 
-def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extra: Any) -> Callable[[BinaryIO], None]:
+def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, classes: Any = None,
+                      **extra: Any) -> Callable[[BinaryIO], None]:
     """What :func:`save_checkpoint` writes, as a function of a binary file; nothing is written yet.
 
     The model is checked (every class must have an official name) and frozen
@@ -488,13 +536,22 @@ def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extr
     returned function pickles the checkpoint into the file it is given. Lets a
     caller write the checkpoint together with other files in one
     :func:`fxrewrite.io.atomic_writes` transaction. ``shown`` names the output in errors.
+
+    ``classes``: a fork's model (:class:`fxrewrite.yolov9.fork.ForkClasses`): its classes are
+    pickled at their own module paths, with the fork's modules in place while pickling, so
+    the fork's own code loads the file.
     """
     clash = {"model", "ema"} & set(extra)
     if clash:
         raise TypeError(f"save_checkpoint: {', '.join(sorted(clash))} cannot be passed as an extra entry")
-    official_names = {cls: name for name, cls in official_aliases().items()}
-    loadable = set(checkpoint_allow_list().names())
-    _check_saveable(model, official_names, loadable, shown)
+    if classes is not None:
+        official_names: dict[type, str] = {}
+        pickle_module, saving = pickle, classes.active
+    else:
+        official_names = {cls: name for name, cls in official_aliases().items()}
+        loadable = set(checkpoint_allow_list().names())
+        _check_saveable(model, official_names, loadable, shown)
+        pickle_module, saving = _pickle_module(official_names, loadable), contextlib.nullcontext
 
     ckpt = {
         "model": _fp16_copy(model, official_names, half),
@@ -505,12 +562,12 @@ def checkpoint_writer(model: nn.Module, shown: str, *, half: bool = True, **extr
         "epoch": -1,
         **extra,
     }
-    pickle_module = _pickle_module(official_names, loadable)
 
     def write(handle: BinaryIO) -> None:
         recorder = handle if isinstance(handle, ErrorRecordingFile) else ErrorRecordingFile(handle, shown)
         try:
-            torch.save(ckpt, recorder, pickle_module=pickle_module)
+            with saving():
+                torch.save(ckpt, recorder, pickle_module=pickle_module)
         except _UnsaveableGlobal as exc:
             raise CheckpointError(
                 f"{shown}: cannot save: the checkpoint would reference {exc}, which load_checkpoint does not "

@@ -129,18 +129,19 @@ def torch_layers() -> dict[str, type]:
     return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in layers}
 
 
-def checkpoint_allow_list() -> "AllowList":
+def checkpoint_allow_list(aliases: dict[str, type] | None = None) -> "AllowList":
     """What :func:`fxrewrite.yolov9.checkpoint.load_checkpoint` accepts (see the module docstring).
 
     Built from the current registrations (:func:`register_block`) on each call;
-    a later caller can widen it with ``.with_globals({...})`` (e.g. the classes of
-    a trusted source tree).
+    a later caller can widen it with ``.with_globals({...})``. ``aliases`` replaces
+    the official names (and their twins) altogether: a trusted source tree's own
+    classes (:meth:`fxrewrite.yolov9.fork.CodeTree.allow_list`).
     """
     from ..serialization import AllowList, standard_globals
 
     names: dict[str, Any] = standard_globals()
     names.update(torch_layers())
-    names.update(official_aliases())
+    names.update(official_aliases() if aliases is None else aliases)
     # Official layers carry their class path as a string label `type`, which shadows nn.Module.type.
     return AllowList(names, bound_methods={"forward": "forward_fuse"}, class_functions={"detect": "forward"},
                      data_overrides={"type": (str,)}, what="a YOLOv9 checkpoint")

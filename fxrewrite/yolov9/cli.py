@@ -107,6 +107,8 @@ def input_files(args: argparse.Namespace) -> list[Path]:
         files.append(Path(args.input))
     if getattr(args, "config", None):
         files.append(resolve_config_path(args.config))  # a shipped name is read from the package
+    if getattr(args, "code", None):
+        files.append(Path(args.code))  # a folder: no output may be inside the trusted source tree
     for name in getattr(args, "rules", None) or ():
         path = Path(name)
         shipped = shipped_rules_dir() / f"{name}.yaml"
@@ -132,6 +134,19 @@ def verification_image(model: torch.nn.Module, size: tuple[int, int], batch: int
     return example_image(model, list(size), batch, seed=seed, dtype=dtype)
 
 
+CODE_EPILOG = (
+    "A fork's checkpoint (its own blocks, edited heads, other layouts): --code PATH imports the classes the "
+    "checkpoint names from that source tree, by their pickled module paths (models.common.X, models.yolo.Y), "
+    "and only the classes the tree defines (never a function, never a name a module of it imports); the "
+    "checkpoint itself stays untrusted and is loaded with the same checks. Every class comes from the fork, also "
+    "those with an official name (a fork's edited DualDDetect or Conv); the rules build the fork's single-branch "
+    "head (its DDetect); OUT.pt pickles the fork's classes at their module paths, so the fork's own detect.py and "
+    "val.py load it; lines of the derived config the rules did not replace are kept verbatim (from renumbered). "
+    "The tree is imported under its own package names only while the command runs. A head the shipped rules do "
+    "not know (another class name) needs one rule: rules/examples/fork-renamed-head.yaml, applied with "
+    "--rules FILE yolov9. --fuse is refused with --code (fusion builds fxrewrite's layers).")
+
+
 # -- the commands ------------------------------------------------------------------------
 def register(subparsers) -> None:
     """Add ``convert`` and ``draw``."""
@@ -142,7 +157,7 @@ def register(subparsers) -> None:
 def register_convert(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a YOLOv9 training checkpoint (auxiliary branch) into its GELAN inference model",
-        description=__doc__.splitlines()[0])
+        description=__doc__.splitlines()[0], epilog=CODE_EPILOG)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("input", nargs="?", metavar="IN.pt", help="a train.py / train_dual.py checkpoint")
     source.add_argument("--config", metavar="NAME|YAML",
@@ -151,6 +166,10 @@ def register_convert(subparsers) -> None:
     p.add_argument("-o", "--output", metavar="OUT.pt", help="the converted checkpoint (required unless --dry-run)")
     p.add_argument("--rules", nargs="+", metavar="FILE",
                    help="rule files to apply instead of the shipped yolov9 rules (shipped names work: yolov9)")
+    p.add_argument("--code", metavar="PATH",
+                   help="the trusted source tree IN.pt was trained with (the folder that holds models/, e.g. "
+                        "'--code .' inside a fork): every class the checkpoint names is imported from it, the "
+                        "rules build its classes, and OUT.pt pickles them at their module paths")
     p.add_argument("--verify", action="store_true",
                    help="before writing, compare the converted model with the training model's main output on a "
                         "random image (must be bitwise equal; with --fuse the fused model must be within the fp32 "
@@ -233,11 +252,28 @@ def run(args: argparse.Namespace) -> int:
     outputs = _outputs(args)
     _check_outputs(outputs, args, inputs)  # refuse before doing any work; nothing is created yet
     started = time.perf_counter()
-    rules = _rule_set(args.rules)
-    model, origin = load_model(args, stored_precision=not (args.verify or args.fuse or args.safetensors))
+    if args.code and args.config:
+        raise OptionError("--code goes with a checkpoint (IN.pt), not with --config")
+    if args.code and args.fuse:  # the deployment rules build fxrewrite's layers, not the fork's
+        raise OptionError("--fuse with --code: fusion would put fxrewrite's own layers into the fork's model; "
+                          "convert without --fuse, then fuse with the fork's code (model.fuse())")
+    classes = None
+    if args.code:
+        from .fork import CodeTree, fork_classes_of
+
+        tree = CodeTree(args.code)
+        model, origin = load_model(args, tree)
+        classes = fork_classes_of(model, tree)
+        from ..registry import using
+
+        with using(classes.registry()):  # a rule file may name the fork's own classes
+            rules = _rule_set(args.rules)
+    else:
+        rules = _rule_set(args.rules)
+        model, origin = load_model(args, stored_precision=not (args.verify or args.fuse or args.safetensors))
     size = image_size(model, args.imgsz)  # before the conversion
     try:
-        conversion = convert(model, rules)
+        conversion = convert(model, rules, classes=classes)
     except ConversionError as exc:
         if "nothing to convert" in str(exc):
             print(f"{args.input or args.config}: {exc}; nothing written")
@@ -250,9 +286,12 @@ def run(args: argparse.Namespace) -> int:
         report = conversion.verify(x)
         print(f"verify: {size[0]}x{size[1]} random image, converted vs training main output: {report.summary()}")
         reports.append(("converted vs training main output", report))
-        conversion.check_config()
+        notes = conversion.check_config()
         print(f"verify: the derived config builds exactly the converted model's "
               f"{len(conversion.model.state_dict()):,} tensors (names and shapes)")
+        for note in notes:  # settings a config cannot say: the converted model keeps the checkpoint's
+            print(f"verify: note: the converted model keeps its own settings where the derived config would "
+                  f"build others: {note}")
     if args.fuse:
         conversion, fused_report = _fused(conversion, args, size)
         if fused_report is not None:
@@ -343,10 +382,10 @@ def _outputs(args) -> dict[str, Path]:
     return found
 
 
-def load_model(args, *, stored_precision: bool = False) -> tuple[torch.nn.Module, str]:
+def load_model(args, code=None, *, stored_precision: bool = False) -> tuple[torch.nn.Module, str]:
     """The model a command reads: built from ``--config`` with random weights (seed ``--seed``), or
-    loaded safely from the input checkpoint (fp32); returns it in eval mode and a line saying where it
-    came from.
+    loaded safely from the input checkpoint (fp32; with ``code``: that trusted source tree's classes);
+    returns it in eval mode and a line saying where it came from.
 
     With ``stored_precision`` a checkpoint's weights stay as stored (fp16 for a ``best.pt``): for a
     command that only rearranges and writes them. Converting to fp32 and back is exact, so it would
@@ -374,9 +413,9 @@ def load_model(args, *, stored_precision: bool = False) -> tuple[torch.nn.Module
     from .checkpoint import load_checkpoint
 
     if stored_precision:
-        loaded = load_checkpoint(args.input, dtype=None)
-    else:
-        loaded = load_checkpoint(args.input, mmap=True)  # tensor data is read once, while converting to fp32
+        loaded = load_checkpoint(args.input, dtype=None, code=code)
+    else:  # tensor data is read once, while converting to fp32
+        loaded = load_checkpoint(args.input, mmap=True, code=code)
     stored = str(loaded.stored_dtype).replace("torch.", "") if loaded.stored_dtype else "unknown dtype"
     return loaded.model.eval(), f"{args.input}: '{loaded.weights}' weights ({stored}, epoch {loaded.epoch})"
 
@@ -446,7 +485,7 @@ def _write(c: Conversion, outputs: dict[str, Path], args, inputs: list) -> list[
     extra = {"fxrewrite": {"converted_from": str(args.input or args.config), "layer_map": c.layer_map,
                            "fused": bool(getattr(args, "fuse", False))}}
     contents: dict[str, object] = {
-        "pt": checkpoint_writer(c.model, str(outputs["pt"]), half=not args.fp32, **extra),
+        "pt": checkpoint_writer(c.model, str(outputs["pt"]), half=not args.fp32, classes=c.classes, **extra),
         "yaml": yaml.safe_dump(c.config, sort_keys=False).encode(),
     }
     if "safetensors" in outputs:  # OUT.yaml is then the config the safetensors file is described by

@@ -32,6 +32,7 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ from ..shapes import ShapePropagationError, shape_tree
 from ..tensors import named_tensors
 from ..verify import VerifyReport, verify
 from .config import ConfigError
-from .inputs import example_size as default_example_size, fixed_flags, input_channels, restore_modes, set_eval
+from .inputs import (example_input, example_size as default_example_size, fixed_flags, input_channels,
+                     restore_modes, set_eval)
 
 # Where the main prediction sits in each training head's eval output, and in the
 # single head's (the converted model's) output. Facts of the official heads.
@@ -83,6 +85,8 @@ class Conversion:
     head: str  # class name of the training model's head
     pruned: list[int] = field(default_factory=list)
     collapsed: list[int] = field(default_factory=list)
+    #: a fork's own classes (:mod:`fxrewrite.yolov9.fork`) when the model was converted with them, else None
+    classes: Any = None
 
     @property
     def params_before(self) -> int:
@@ -92,22 +96,37 @@ class Conversion:
     def params_after(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def check_config(self) -> None:
+    def check_config(self) -> list[str]:
         """Build the derived config on the ``meta`` device (no memory) and check that it makes exactly
         the converted model's tensors, names and shapes; raise :class:`ConversionError` naming the
-        first that differs. (:func:`convert` checks layer channels and replaced layers only.)"""
+        first that differs. (:func:`convert` checks layer channels and replaced layers only.)
+
+        A fork's model is built by the fork's own class from the derived config; the plain settings
+        a config cannot say (a BatchNorm's ``eps`` changed by the fork's initialisation code) are
+        returned where they differ from what the config builds (the converted model keeps its own)."""
+        if self.classes is not None:
+            from .fork import build_from_config, setting_differences
+
+            try:
+                skeleton = build_from_config(self.source, self.config, self.classes)
+            except FxRewriteError as exc:
+                raise ConversionError(f"the derived config cannot be built by the fork's code: {exc}") from None
+            _compare_tensors(self.model, skeleton, "", "the derived config does not describe the converted model: ")
+            return setting_differences(self.model, skeleton)
         try:
             skeleton = _build(self.source, self.config, self.model.model[-1])
         except (ConfigError, TypeError, ValueError) as exc:
             raise ConversionError(f"the derived config cannot be built: {exc}") from None
         _compare_tensors(self.model, skeleton, "", "the derived config does not describe the converted model: ")
+        return []
 
     def verify(self, inputs: torch.Tensor) -> VerifyReport:
         """Compare the converted model's output with the training model's main output on ``inputs``."""
         modes = set_eval(self.source), set_eval(self.model)
         try:
-            return verify(self.source, self.model, inputs, select_original=MAIN_OUTPUT.get(self.head, SINGLE_OUTPUT),
-                          select_rewritten=SINGLE_OUTPUT)
+            with self.classes.active() if self.classes is not None else contextlib.nullcontext():
+                return verify(self.source, self.model, inputs, select_original=main_output(self.source, inputs),
+                              select_rewritten=SINGLE_OUTPUT)
         finally:
             restore_modes(self.source, modes[0])
             restore_modes(self.model, modes[1])
@@ -125,29 +144,77 @@ def _compiled_shipped_rules(name: str, mtime_ns: int, size: int) -> RuleSet:
     return load_rules(name)
 
 
-def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int | None = None) -> Conversion:
+def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int | None = None,
+            classes: Any = None) -> Conversion:
     """Convert a layered YOLO model (official classes or fxrewrite's) with ``rules`` (default: yolov9.yaml).
 
     The input model is not modified (its train/eval mode is restored); the
     converted model shares its tensors.
+
+    A model of a fork's own classes (its model class is not fxrewrite's: loaded with
+    ``load_checkpoint(path, code=PATH)`` or built by the fork's code in memory) is
+    converted with its own classes (``classes``, default
+    :func:`fxrewrite.yolov9.fork.fork_classes_of`): the rules' ``replace`` builds the
+    fork's class of that name (the fork's ``DDetect``), the converted model is of the
+    fork's classes, and the derived config keeps every line the rules did not
+    replace verbatim (``from`` renumbered).
     """
+    from .fork import fork_classes_of, is_fork_model
+
     layers = _layers(model)
     head = type(layers[-1]).__name__
+    if classes is None and is_fork_model(model):
+        classes = fork_classes_of(model)
+    if classes is None:
+        return _convert(model, rules, example_size, None, head, layers)
+    from ..errors import RewriteError
+    from .fork import missing_class_in
+
+    with classes.active():
+        try:
+            return _convert(model, _fork_rules(rules, classes), example_size, classes, head, layers)
+        except RewriteError as exc:
+            missing = missing_class_in(exc)
+            if missing is None:
+                raise
+            raise ConversionError(
+                f"rule '{exc.rule}' replaces the {head} head with a {missing.name}, but {missing}; fxrewrite's own "
+                f"{missing.name} would compute something else. Write a rule that replaces {head} with the fork's "
+                "single-branch head (cookbook: rules/examples/fork-renamed-head.yaml) and pass it with "
+                "--rules FILE yolov9") from None
+
+
+def _fork_rules(rules: RuleSet | None, classes: Any) -> RuleSet:
+    """``rules`` checked again with the fork's classes: every class name a rule builds is the fork's."""
+    base = rules if rules is not None else default_rules()
+    return RuleSet(base.rules, base.max_iterations, base.source, base.plugins, registry=classes.registry(base.registry))
+
+
+def _convert(model: nn.Module, rules: RuleSet | None, example_size: int | None, classes: Any, head: str,
+             layers: nn.Sequential) -> Conversion:
     try:
         result = trace_and_rewrite(model, rules, example_size=example_size)
     except ShapePropagationError as exc:  # the model does not run: say which tensor is wrong when we can
-        check_against_config(model)
+        if classes is None:
+            check_against_config(model)
         raise ConversionError(f"the model does not run on a test image: {exc}") from exc
     gm = result.original
     kept = [n for n in result.module.graph.nodes if n.op == "call_module"]
     old_index = {n: _layer_index(n, result.module) for n in kept}
     if [old_index[n] for n in kept] == list(range(len(layers))) and not _replaced(result):
+        if classes is not None:
+            raise ConversionError(
+                f"nothing to convert: no rule replaced the model's head ({head}) and no layer is unreachable; "
+                f"if {head} is a training head with an auxiliary branch, write a rule that replaces it with the "
+                "fork's single-branch head (cookbook: rules/examples/fork-renamed-head.yaml) and pass it with "
+                "--rules yolov9 FILE")
         raise ConversionError(f"nothing to convert: the model ({head} head) has no auxiliary layers "
                               f"for the rules to remove; it is already an inference model")
-    config = derive_config(model.yaml, kept, old_index, result)
-    converted, param_map = _assemble(model, config, kept, result)
-    _check_config_describes(model, config, kept, converted, result)
-    _copy_model_attributes(model, converted)
+    config = derive_config(model.yaml, kept, old_index, result, classes=classes)
+    converted, param_map = _assemble(model, config, kept, result, classes)
+    if classes is None:
+        _check_config_describes(model, config, kept, converted, result)
+        _copy_model_attributes(model, converted)
     converted.eval()
     status = result.node_status
     index_of_name = {n.name: _layer_index_by_target(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -155,7 +222,30 @@ def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int
         model=converted, config=config, layer_map={k: old_index[n] for k, n in enumerate(kept)},
         param_map=param_map, result=result, source=model, head=head,
         pruned=sorted(i for name, i in index_of_name.items() if status.get(name) == "pruned"),
-        collapsed=sorted(i for name, i in index_of_name.items() if status.get(name) == "collapsed"))
+        collapsed=sorted(i for name, i in index_of_name.items() if status.get(name) == "collapsed"),
+        classes=classes)
+
+
+def main_output(model: nn.Module, inputs: Any = None) -> tuple[int, ...]:
+    """Where the main prediction sits in the eval output of ``model`` (a training model).
+
+    By its head's class, or the class it derives from (:data:`MAIN_OUTPUT`); for a head
+    of another name, from the output's structure, as the official heads lay it out: when
+    the first element is a list of predictions (one per branch), the last is the main
+    branch's; otherwise the first element is the prediction.
+    """
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else model
+    for cls in type(head).__mro__:
+        if cls.__name__ in MAIN_OUTPUT:
+            return MAIN_OUTPUT[cls.__name__]
+    if inputs is None:
+        return SINGLE_OUTPUT
+    with torch.no_grad():
+        out = model(inputs)
+    first = out[0] if isinstance(out, (list, tuple)) and out else out
+    if isinstance(first, (list, tuple)) and first and all(isinstance(t, torch.Tensor) for t in first):
+        return (0, len(first) - 1)
+    return SINGLE_OUTPUT
 
 
 def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bool = False,
@@ -172,7 +262,7 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
         reference = next((t for t in model.parameters() if t.is_floating_point()), torch.zeros(()))
         size = example_size or default_example_size(model)
         # Same dtype and device as the weights: fp16 checkpoints and meta-device skeletons trace too.
-        example = torch.zeros(1, input_channels(model), size, size, dtype=reference.dtype, device=reference.device)
+        example = example_input(model, size, dtype=reference.dtype, device=reference.device)
         gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=fixed_flags(model))
         return rewrite(gm, rules)
     finally:
@@ -198,10 +288,12 @@ def check_against_config(model: nn.Module) -> None:
 
 
 # -- config derivation ----------------------------------------------------------
-def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, int], result: RewriteResult) -> dict:
+def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, int], result: RewriteResult,
+                  *, classes: Any = None) -> dict:
     """The layered config of the rewritten graph: kept layers renumbered in graph order, every
     ``from`` recomputed from the node's inputs (``-1`` kept where the original said ``-1`` and the
-    input is still the previous layer), the module name of replaced layers updated."""
+    input is still the previous layer), the module name of replaced layers updated (with a fork's
+    ``classes``: the fork's class name, which its own builder resolves)."""
     old_layers = list(original["backbone"]) + list(original["head"])
     n_backbone = len(original["backbone"])
     new_index = {n: k for k, n in enumerate(kept)}
@@ -224,9 +316,13 @@ def derive_config(original: dict, kept: list[fx.Node], old_index: dict[fx.Node, 
         old_from = f_old if isinstance(f_old, list) else [f_old]
         new_from = []
         for pos, j in enumerate(inputs):
-            was_relative = not replaced and pos < len(old_from) and old_from[pos] == -1
-            new_from.append(-1 if j == -1 or (was_relative and j == k - 1) else j)
-        if replaced:  # a rule built this layer: its config line names the new class (and, for torch.nn, its settings)
+            relative = old_from[pos] if not replaced and pos < len(old_from) and old_from[pos] < 0 else None
+            # a relative `from` (-1, -2 ...) stays relative where it still points at the same input
+            new_from.append(-1 if j == -1 else relative if relative is not None and j == k + relative else j)
+        if replaced and classes is not None and not type(result.module.get_submodule(node.target)).__module__.startswith(
+                "torch.nn."):  # the fork's builder names its classes by class name
+            module = type(result.module.get_submodule(node.target)).__name__
+        elif replaced:  # a rule built this layer: its config line names the new class (and, for torch.nn, its settings)
             module, args = _replaced_layer_entry(result.module.get_submodule(node.target), args, old, original)
         entry = [new_from if isinstance(f_old, list) or len(new_from) != 1 else new_from[0], number, module,
                  copy.deepcopy(args)]
@@ -352,7 +448,7 @@ def _head_strides(head: nn.Module | None) -> list[float] | None:
 
 
 def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
-              result: RewriteResult) -> tuple[nn.Module, dict[str, Any]]:
+              result: RewriteResult, classes: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """The converted model: the rewritten graph's layers, renumbered, as a model of the source's kind.
 
     Each layer is a structural clone of the rewritten module (new module objects, the same
@@ -373,7 +469,8 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
 
     layers, param_map = [], {}
     for k, node in enumerate(kept):
-        layer = clone_module(result.module.get_submodule(node.target), class_for=fxrewrite_class)
+        layer = clone_module(result.module.get_submodule(node.target),
+                             class_for=None if classes is not None else fxrewrite_class)
         layer.i, layer.f = k, copy.deepcopy(entries[k][0])
         if not isinstance(getattr(layer, "type", None), str):  # a module a rule built has no label yet
             layer.type = f"{type(layer).__module__}.{type(layer).__qualname__}"
@@ -388,6 +485,10 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
                 raise RebindError(f"model.{k}.{name}: no origin recorded for this tensor")
             param_map[f"model.{k}.{name}"] = origin
         layers.append(layer)
+    if classes is not None:
+        from .fork import assemble
+
+        return assemble(model, config, layers), param_map
     return model_class_for(type(model.model[-1])).from_layers(config, layers), param_map
 
 

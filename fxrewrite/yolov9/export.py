@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import FxRewriteError
 from ..io import atomic_write, atomic_writes, check_output
 from ..verify import VerifyReport, compare
+from .inputs import example_input
 from .tolerances import export_tolerance
 
 __all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "onnx_bytes", "pt2_bytes",
@@ -134,9 +135,7 @@ def export_mode(model: nn.Module, *, dynamic: bool = False) -> Iterator[nn.Modul
 def example_image(model: nn.Module, imgsz: Sequence[int], batch: int = 1, *, seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A random image batch of the model's input channels; ``imgsz`` is ``[N]`` or ``[H, W]``."""
-    h, w = _size(imgsz)
-    ch = int(getattr(model, "yaml", {}).get("ch", 3))
-    return torch.rand(batch, ch, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return example_input(model, _size(imgsz), batch, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _size(imgsz: Sequence[int] | int) -> tuple[int, int]:

@@ -16,12 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["input_channels", "example_size", "fixed_flags", "set_eval", "restore_modes"]
+__all__ = ["input_channels", "example_input", "example_size", "fixed_flags", "set_eval", "restore_modes"]
 
 
 def input_channels(model: nn.Module) -> int:
     """The image channels the model's config says it reads (3 unless ``ch`` says otherwise)."""
     return int(model.yaml.get("ch", 3))
+
+
+def example_input(model: nn.Module, size: int | tuple[int, int], batch: int = 1, *, dtype: torch.dtype | None = None,
+                  device: Any = None, generator: torch.Generator | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """An input of ``model``: zeros (or, with ``generator``, random values in [0, 1)) of its config's ``ch``
+    channels; a list of images when ``ch`` is a list (a fork whose model takes several images, one per entry)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    ch = model.yaml.get("ch", 3)
+
+    def image(channels: int) -> torch.Tensor:
+        if generator is None:
+            return torch.zeros(batch, int(channels), h, w, dtype=dtype, device=device)
+        return torch.rand(batch, int(channels), h, w, generator=generator).to(dtype=dtype, device=device)
+
+    return [image(c) for c in ch] if isinstance(ch, (list, tuple)) else image(ch)
 
 
 def example_size(model: nn.Module) -> int:

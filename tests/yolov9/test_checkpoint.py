@@ -537,9 +537,10 @@ def test_unknown_custom_block_and_register_block(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert str(err.value) == (
-        f"{path}: the model uses block classes unknown to fxrewrite: models.common.MyBlock; implement each as an "
-        "nn.Module and register it before loading, e.g. "
-        "fxrewrite.yolov9.register_block(MyBlock, 'models.common.MyBlock')")
+        f"{path}: the model uses block classes unknown to fxrewrite: models.common.MyBlock; if you trust the code "
+        "they come from, rerun with --code PATH_TO_THAT_REPO (the folder that holds models/; from Python: "
+        "load_checkpoint(path, code=PATH)); library users may instead implement each as an nn.Module and register "
+        "it before loading, e.g. fxrewrite.yolov9.register_block(MyBlock, 'models.common.MyBlock')")
 
     register_block(MyBlock, "models.common.MyBlock")
     try:
