@@ -24,7 +24,7 @@ from ..errors import FxRewriteError
 from ..io import OutputError, atomic_writes, check_output
 from ..verify import VerifyReport
 from .convert import Conversion, ConversionError, convert
-from .export import MAX_IMAGE_SIZE
+from .inputs import MAX_IMAGE_SIZE, example_input
 
 DEFAULT_VERIFY_SIZE = 640
 #: --seed is a torch generator seed: an unsigned 64-bit integer.
@@ -128,10 +128,8 @@ def check_verification(reports: list[tuple[str, VerifyReport]], *, written: bool
 def verification_image(model: torch.nn.Module, size: tuple[int, int], batch: int = 1, *, seed: int = 0,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """The seeded random image batch ``--verify`` runs, in the model's input channels and weight dtype."""
-    from .export import example_image
-
     dtype = dtype or next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
-    return example_image(model, list(size), batch, seed=seed, dtype=dtype)
+    return example_input(model, (size[0], size[1]), batch, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 CODE_EPILOG = (

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import FxRewriteError
 from ..io import atomic_write, atomic_writes, check_output
 from ..verify import VerifyReport, compare
-from .inputs import example_input
+from .inputs import MAX_IMAGE_SIZE, example_input
 from .tolerances import export_tolerance
 
 __all__ = ["ExportError", "Prepared", "prepare", "export_onnx", "export_pt2", "onnx_bytes", "pt2_bytes",
@@ -44,8 +44,6 @@ DEFAULT_OPSET = 17
 #: Opsets ``--opset`` accepts. Below 11, ONNX's Resize does not follow PyTorch's interpolation (torch warns; 7 and
 #: 8 cannot export the upsampling layers at all); above 20 torch's TorchScript-based exporter is unsupported.
 MIN_OPSET, MAX_OPSET = 11, 20
-#: Largest image side (``--imgsz``): a 4096 x 4096 image is already 200 MB in fp32, far beyond YOLO sizes.
-MAX_IMAGE_SIZE = 4096
 #: Largest ``--batch``: the example batch is traced, and run twice more with ``--verify`` (about 20 MB of
 #: activations per 640x640 image for yolov9-c; ``--batch 1025`` at 640 needed more than 21 GB).
 MAX_BATCH = 64

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["input_channels", "example_input", "example_size", "fixed_flags", "set_eval", "restore_modes"]
+__all__ = ["MAX_IMAGE_SIZE", "input_channels", "example_input", "example_size", "fixed_flags", "set_eval", "restore_modes"]
+
+#: Largest image side (``--imgsz``): a 4096 x 4096 image is already 200 MB in fp32, far beyond YOLO sizes.
+MAX_IMAGE_SIZE = 4096
 
 
 def input_channels(model: nn.Module) -> int:

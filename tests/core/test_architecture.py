@@ -237,3 +237,14 @@ def test_the_plug_in_lists_its_blocks_in_one_place():
 BLOCK_NAMES = {"Conv", "AConv", "ADown", "ELAN1", "RepConvN", "RepNBottleneck", "RepNCSP", "RepNCSPELAN4", "SP",
                "SPPELAN", "CBLinear", "CBFuse", "Silence", "Concat", "Detect", "DDetect", "DualDetect",
                "DualDDetect", "TripleDetect", "TripleDDetect", "Segment", "DSegment", "DualDSegment"}
+
+
+def test_the_plug_in_modules_have_no_import_cycle():
+    # The package's __init__ imports its modules to register them; among the modules, no cycle.
+    modules = set(PLUG_IN) - {PLUGIN}
+    graph = {name: GRAPH[name] & modules for name in modules}
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle in the plug-in: {' -> '.join(exc.args[1])}")
+    assert set(order) == modules
