@@ -2,7 +2,7 @@
 
 ``python benchmarks/notebook_method.py IN.pt OUT.pt --variant e`` does what the notebook's
 "Convert YOLOv9-E" cells do, with the official code importable (the ``yolo9`` test oracle,
-``tests/yolov9/official.py``, standing in for a checkout of WongKinYiu/yolov9):
+``tests/helpers/official.py``, standing in for a checkout of WongKinYiu/yolov9):
 
 1. build ``gelan-X.yaml`` with the official ``Model`` (``ch=3, nc=80, anchors=3``), eval mode;
 2. ``torch.load`` the training checkpoint with the C unpickler (``weights_only=False``: the
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     start = time.perf_counter()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "yolov9"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers package
     import torch
-    from official import official
+    from helpers.official import official
 
     off = official()
     times["import"] = time.perf_counter() - start

@@ -11,7 +11,7 @@ with ``intra_op_num_threads=2``), in one run, for yolov9-t and yolov9-c:
   given the converted model's weights, the reference for "the converted model runs like a
   GELAN model";
 * ``official-fused``: the official code's gelan model after its own ``fuse()`` (when the
-  oracle of ``tests/yolov9/official.py`` is installed), the reference for the fused model.
+  oracle of ``tests/helpers/official.py`` is installed), the reference for the fused model.
 
 Run with (the normal test run does not collect this folder)::
 
@@ -37,8 +37,8 @@ from fxrewrite.yolov9 import DetectionModel, convert
 from fxrewrite.yolov9.cli import randomise_batchnorm
 from fxrewrite.yolov9.deploy import fuse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "yolov9"))
-from official import official, official_available  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers package
+from helpers.official import official, official_available  # noqa: E402
 
 THREADS = 2
 SIZE = 640

@@ -136,7 +136,7 @@ def test_whole_process(benchmark, best_pt, variant, tmp_path):
 
 def notebook_stage(official_training, variant: str):
     """The notebook between loading and saving: build gelan-X with the official code, copy by index."""
-    from official import official
+    from helpers.official import official
 
     off = official()
     model = off.yolo.Model(str(off.cfg(f"gelan-{variant}.yaml")), ch=3, nc=80, anchors=3).eval()
@@ -152,7 +152,7 @@ def notebook_stage(official_training, variant: str):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.benchmark(group="conversion stage: loaded training model -> inference model")
 def test_conversion_stage(benchmark, best_pt, variant):
-    from official import official
+    from helpers.official import official
 
     from fxrewrite.yolov9 import convert
     from fxrewrite.yolov9.checkpoint import load_checkpoint
@@ -188,7 +188,7 @@ def test_conversion_stage(benchmark, best_pt, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_both_methods_write_the_same_weights(best_pt, variant, tmp_path):
     """The benchmark compares equals: both outputs hold exactly the same fp16 tensors."""
-    from official import official
+    from helpers.official import official
 
     official()
     src = best_pt[variant]

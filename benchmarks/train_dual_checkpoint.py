@@ -1,6 +1,6 @@
 """A YOLOv9 training checkpoint written the way the official ``train_dual.py`` writes one (for benchmarks).
 
-The model is built by the official code (the ``yolo9`` oracle of ``tests/yolov9/official.py``),
+The model is built by the official code (the ``yolo9`` oracle of ``tests/helpers/official.py``),
 so the file names ``models.yolo.DetectionModel``, ``models.common.*`` exactly like a real
 ``last.pt``, and plain ``torch.load(weights_only=False)`` resolves them to the official
 classes, as the reparameterization notebook does. Contents, as train_dual.py saves them
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "yolov9"))
-from official import official  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers package
+from helpers.official import official  # noqa: E402
 
 
 def write_training_checkpoint(path: Path, cfg: str = "yolov9-e.yaml", seed: int = 0) -> Path:

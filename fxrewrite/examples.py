@@ -74,7 +74,7 @@ def aux_branch_model(seed: int = 0, classes: int = 10, width: int = 16) -> AuxBr
 
 class StepModel(nn.Module):
     """A model described by a list of steps: many different graphs from data, for property tests and
-    fuzzing (``tests/core/test_properties.py``, ``tests/fuzz_strategies.py``).
+    fuzzing (``tests/core/test_properties.py``, ``tests/helpers/fuzz_strategies.py``).
 
     Value 0 is the input; step ``i`` is ``(kind, inputs, width)`` and computes value ``i + 1``
     from earlier values: ``linear``, ``relu``, ``identity``, ``dropout``, ``batchnorm`` (a module

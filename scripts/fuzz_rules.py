@@ -6,7 +6,7 @@
 Uses hypothesis (a test dependency already) rather than atheris: the interesting inputs are
 *structured* (rule files whose patterns, checks and actions make sense together, random models
 to rewrite, pickles with a payload spliced in), and the strategies are shared with the test suite
-(tests/fuzz_strategies.py, tests/hostile_helpers.py). atheris' coverage guidance pays off for
+(tests/helpers/fuzz_strategies.py, tests/helpers/hostile.py). atheris' coverage guidance pays off for
 byte-level parsers; here the parser is PyYAML, and byte-level mutation is covered by the
 "mutated" kinds below. Each case is checked inside the test body and failures are recorded, not
 raised, so hypothesis keeps generating (no shrinking) until the time budget is spent.
@@ -54,8 +54,8 @@ from fxrewrite import io as fio  # noqa: E402
 from fxrewrite.yolov9 import DetectionModel  # noqa: E402
 from fxrewrite.yolov9.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
-import fuzz_strategies as fs  # noqa: E402
-import hostile_helpers as hh  # noqa: E402
+from helpers import fuzz_strategies as fs  # noqa: E402
+from helpers import hostile as hh  # noqa: E402
 
 
 class Tally:

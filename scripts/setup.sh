@@ -27,6 +27,6 @@ if ! $PY -m pip show -q yolo9 >/dev/null 2>&1; then
     echo "[setup] installing the official YOLOv9 code as a test oracle (yolo9==1.0.18, no deps)"
     $PY -m pip install -q --no-deps yolo9==1.0.18
 fi
-# What the official model files import when they load (the heavy rest is stubbed by tests/yolov9/official.py).
+# What the official model files import when they load (the heavy rest is stubbed by tests/helpers/official.py).
 $PY -m pip install -q numpy packaging requests pillow tqdm psutil
 echo "[setup] done"

@@ -29,7 +29,7 @@ def text_files() -> list[Path]:
 
 def test_the_scan_sees_the_repository():
     names = {p.relative_to(ROOT).as_posix() for p in text_files()}
-    assert {"README.md", "docs/cli.md", "tests/yolov9/official.py", "pyproject.toml"} <= names
+    assert {"README.md", "docs/cli.md", "tests/helpers/official.py", "pyproject.toml"} <= names
 
 
 def test_every_referenced_repository_path_exists():

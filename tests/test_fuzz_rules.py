@@ -30,7 +30,7 @@ from fxrewrite import Pattern, Rule, RuleFileError, RuleProblem, RuleSet
 from fxrewrite.errors import RewriteError
 from fxrewrite.rules import MAX_ITERATIONS_LIMIT
 
-import fuzz_strategies as fs
+from helpers import fuzz_strategies as fs
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 

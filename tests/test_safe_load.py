@@ -26,7 +26,7 @@ from torch import nn
 from fxrewrite.serialization import AllowList, Checked, Inert, LoadError, RefusedGlobal, load, standard_globals
 from fxrewrite.serialization.graph import MAX_NODES
 
-from hostile_helpers import (assert_same, binunicode, in_checkpoint, nested_ordered_dicts, op_global, op_int, op_tuple,
+from helpers.hostile import (assert_same, binunicode, in_checkpoint, nested_ordered_dicts, op_global, op_int, op_tuple,
                              read_records, record_data_offset, record_holding, torch_zip_with_pickle,
                              write_records)
 

@@ -1,8 +1,5 @@
-"""Fixtures shared by the core tests (tests/core and tests/core/actions).
-
-Its folder is on ``sys.path`` for every test below it (pytest puts a conftest's folder there),
-so ``from toy_models import ...`` works from tests/core/actions too.
-"""
+"""Fixtures shared by the core tests (tests/core and tests/core/actions); the shared model
+builders are in the ``helpers`` package (tests/helpers/)."""
 from __future__ import annotations
 
 import pytest

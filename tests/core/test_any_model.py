@@ -1,4 +1,4 @@
-"""The core on models it was not written for (tests/core/any_models.py): what a new user tries from
+"""The core on models it was not written for (tests/helpers/any_models.py): what a new user tries from
 the README and docs/rules.md, on residual, mobile, compound-scaled, RegNet and FPN architectures.
 
 Oracles: the eager model itself, ``torch.fx.experimental.optimization.fuse`` (Conv+BN folding),
@@ -13,7 +13,7 @@ from torch import nn
 import fxrewrite
 from fxrewrite import Pattern, RewriteError, Rule, RuleFileError
 
-from any_models import IMAGE_MODELS, FrozenBatchNorm2d, FrozenFPN, ResNet, build, deep_chain, image, randomised
+from helpers.any_models import IMAGE_MODELS, FrozenBatchNorm2d, FrozenFPN, ResNet, build, deep_chain, image, randomised
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -7,7 +7,7 @@ import fxrewrite
 from fxrewrite import Check, Pattern, Rule, register_check
 from fxrewrite.engine import Rejection
 
-from toy_models import Chain, TwoBranch, example, seeded
+from helpers.toy_models import Chain, TwoBranch, example, seeded
 
 
 def test_passthrough_check_rejects_a_conv_that_changes_the_shape():

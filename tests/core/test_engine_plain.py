@@ -14,7 +14,7 @@ import fxrewrite
 from fxrewrite import Pattern, Rule
 from fxrewrite.engine import copy_graph
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 
 def identity(x):

@@ -17,7 +17,7 @@ from fxrewrite import Count, Pattern, RuleFileError
 from fxrewrite.pattern import OPS, pattern_keys
 from fxrewrite.rule_file import PATTERN_KEYS
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 
 class Mixed(nn.Module):

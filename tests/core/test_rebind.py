@@ -9,7 +9,7 @@ import fxrewrite
 from fxrewrite import Pattern, RebindError, Rule
 from fxrewrite.tensors import named_tensors
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from torch import fx
 import fxrewrite
 from fxrewrite import Pattern, RewriteError, Rule, RuleSet, register_action
 
-from toy_models import Chain, Snapshot, TwoBranch, example, seeded
+from helpers.toy_models import Chain, Snapshot, TwoBranch, example, seeded
 
 
 @pytest.fixture

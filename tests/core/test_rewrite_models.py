@@ -7,7 +7,7 @@ import fxrewrite
 from fxrewrite import Pattern, Rule, RuleSet, register_module_class
 from fxrewrite.provenance import Provenance
 
-from toy_models import HeadNet, NewHead, Snapshot, TwoBranch, WithLeaf, example, seeded
+from helpers.toy_models import HeadNet, NewHead, Snapshot, TwoBranch, WithLeaf, example, seeded
 
 register_module_class(NewHead)
 

@@ -8,7 +8,7 @@ import pytest
 import fxrewrite
 from fxrewrite import Check, Pattern, Rule, RuleFileError, RuleSet, registry
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 PATTERN_KEYS = "attrs, capture, function, inputs, method, module_class, module_name, num_inputs, num_users, op"
 RULE_KEYS = "action, args, checks, description, mode, name, pattern, table"

@@ -10,7 +10,7 @@ from fxrewrite import LeafPolicy, TraceReport
 from fxrewrite.provenance import Provenance
 from fxrewrite.tracing import is_traced
 
-from toy_models import Branchy, HeadNet, Lengthy, Loopy, Scaled, TwoBranch, WithLeaf, example, seeded
+from helpers.toy_models import Branchy, HeadNet, Lengthy, Loopy, Scaled, TwoBranch, WithLeaf, example, seeded
 
 ITERATION = "TraceError: Proxy object cannot be iterated. "
 LEN = ("RuntimeError: 'len' is not supported in symbolic tracing by default. If you want this call to be "
@@ -35,7 +35,7 @@ def test_default_policy_keeps_torch_modules_and_traces_through_user_modules():
     assert is_traced(gm) and not is_traced(fx.symbolic_trace(HeadNet()))
 
 
-@pytest.mark.parametrize("pattern", ["OldHead", "Old*", "toy_models.OldHead", "*.Old?ead"])
+@pytest.mark.parametrize("pattern", ["OldHead", "Old*", "helpers.toy_models.OldHead", "*.Old?ead"])
 def test_leaf_by_class_name_glob(pattern):
     gm = fxrewrite.trace(HeadNet(), leaf_classes=[pattern])
     assert called_modules(gm) == ["a", "b", "head"]

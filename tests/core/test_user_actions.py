@@ -17,7 +17,7 @@ from fxrewrite import Param, RewriteError, RuleFileError, register_action, regis
 from fxrewrite.engine import NEW, REPLACED
 from fxrewrite.provenance import Provenance
 
-from toy_models import Chain, TwoBranch, example, seeded
+from helpers.toy_models import Chain, TwoBranch, example, seeded
 
 
 @register_action("test_ua_relu_to_function", params={

@@ -9,7 +9,7 @@ import fxrewrite
 from fxrewrite import VerifyError
 from fxrewrite.verify import OutputDiff, select
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 
 class Pair(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from official import INSTALL_HINT, official_available
+from helpers.official import INSTALL_HINT, official_available
 
 
 def pytest_runtest_setup(item):
@@ -19,7 +19,7 @@ def official_checkpoint(tmp_path_factory):
     of the session asks for it (the files stay for the session: converting them is what tests do)."""
     if not official_available():
         pytest.fail(INSTALL_HINT, pytrace=False)
-    from official_checkpoints import OFFICIAL_CHECKPOINTS, official_config, write_training_checkpoint
+    from helpers.official_checkpoints import OFFICIAL_CHECKPOINTS, official_config, write_training_checkpoint
 
     folder = tmp_path_factory.mktemp("official-checkpoints")
     written = {}

@@ -6,7 +6,7 @@ Three groups:
   meta-device builds, ``nc`` override, config forms, eval output shapes,
   weight-init defaults, activation override, plug-in registration, fx tracing;
 * ``ConfigError`` messages for broken configs (exact text);
-* oracle checks against the real official classes (``tests/yolov9/official.py``):
+* oracle checks against the real official classes (``tests/helpers/official.py``):
   equal ``state_dict`` layout and bitwise-equal eval/train outputs for every
   shipped config, and per-block bitwise equality.
 """
@@ -35,10 +35,7 @@ from fxrewrite.yolov9.model import (
     registered_blocks,
 )
 
-try:
-    from tests.yolov9.official import official, requires_official
-except ImportError:  # pytest run without the repo root on sys.path
-    from official import official, requires_official
+from helpers.official import official, requires_official
 
 
 STRIDES = [8, 16, 32]

@@ -23,7 +23,7 @@ from fxrewrite.yolov9.catalogue import scoped
 from fxrewrite.yolov9.classes import official_aliases, register_block, unregister_block
 from fxrewrite.yolov9.model import DetectionModel
 
-from official import official, requires_official
+from helpers.official import official, requires_official
 
 OUR_PREFIXES = ("fxrewrite.yolov9.blocks", "fxrewrite.yolov9.heads", "fxrewrite.yolov9.model")
 INPUT = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

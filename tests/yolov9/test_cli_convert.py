@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import TINY, files, run, tiny_yaml  # noqa: F401  (tiny_yaml: a fixture)
+from helpers.yolo_cli import TINY, files, run, tiny_yaml  # noqa: F401  (tiny_yaml: a fixture)
 from fxrewrite.yolov9 import DetectionModel, convert
 from fxrewrite.yolov9 import checkpoint as ckpt_io
 from fxrewrite.yolov9.checkpoint import load_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import run
+from helpers.yolo_cli import run
 
 #: Never needed to convert a checkpoint: torch's compiler stack and symbolic shapes (seconds to import),
 #: the exporters, drawing and optional formats.
@@ -42,7 +42,7 @@ def test_stored_precision_writes_exactly_what_the_fp32_path_writes(capsys, tmp_p
     assert sorted(fast) == ["params.json", "pt", "yaml"] and fp32.pop("safetensors")
     assert fast == fp32  # byte for byte: the same tensors, the same pickle
 
-    from official import official
+    from helpers.official import official
 
     official()
     model = torch.load(tmp_path / "fast" / "t.pt", map_location="cpu", weights_only=False)["model"]

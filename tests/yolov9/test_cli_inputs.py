@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_helpers import files, run
+from helpers.yolo_cli import files, run
 from fxrewrite.rule_file import shipped_rules_dir
 from fxrewrite.yolov9.config import CONFIG_DIR
 

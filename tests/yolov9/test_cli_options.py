@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import files, run, tiny_yaml, usage_error  # noqa: F401  (tiny_yaml: a fixture)
+from helpers.yolo_cli import files, run, tiny_yaml, usage_error  # noqa: F401  (tiny_yaml: a fixture)
 from fxrewrite.rule_file import shipped_rules_dir
 from fxrewrite.yolov9 import DetectionModel, convert
 from fxrewrite.yolov9.checkpoint import load_checkpoint

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import files, run, tiny_yaml  # noqa: F401  (tiny_yaml: a fixture)
+from helpers.yolo_cli import files, run, tiny_yaml  # noqa: F401  (tiny_yaml: a fixture)
 from fxrewrite.verify import BITWISE
 from fxrewrite.yolov9 import tolerances
 

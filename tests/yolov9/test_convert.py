@@ -315,7 +315,7 @@ def test_conversion_leaves_the_training_model_untouched():
 
 def test_official_model_in_memory_converts_through_the_python_api():
     """A model built by the official code (classes models.common.* / models.yolo.*) converts by class name."""
-    from official import official
+    from helpers.official import official
 
     off = official()
     torch.manual_seed(10)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxrewrite
-from deploy_helpers import (
+from helpers.yolo_deploy import (
     OFFICIAL_FUSED_PARAMETERS,
     assert_close_fp32,
     converted,
@@ -25,7 +25,7 @@ from fxrewrite.yolov9 import DetectionModel, SegmentationModel, convert
 from fxrewrite.yolov9.blocks import Conv, RepConvN
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fxrewrite.yolov9.deploy import FusionError, compose_param_maps, deploy_rules, fuse, unfused_blocks
-from official import official, official_available, requires_official
+from helpers.official import official, official_available, requires_official
 
 
 # -- the rule file ---------------------------------------------------------------------

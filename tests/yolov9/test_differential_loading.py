@@ -23,17 +23,16 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared hostile-input helpers
 
 from fxrewrite.serialization import LoadError, load  # noqa: E402
 from fxrewrite.yolov9 import DetectionModel  # noqa: E402
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from fxrewrite.yolov9.classes import allowed_globals, checkpoint_allow_list, official_aliases  # noqa: E402
 
-from hostile_helpers import (MINI, EvilModule, assert_same, binunicode, handcrafted_payloads,  # noqa: E402
+from helpers.hostile import (MINI, EvilModule, assert_same, binunicode, handcrafted_payloads,  # noqa: E402
                              in_checkpoint, nested_ordered_dicts, op_global, op_int, op_tuple, read_records,
                              reduce_payloads, torch_zip_with_pickle, write_records)
-from official import official, requires_official  # noqa: E402
+from helpers.official import official, requires_official  # noqa: E402
 
 REFUSED = object()
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on hand-written protocol-4 files

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from deploy_helpers import assert_close_fp32, converted, fused, image, predictions, training
+from helpers.yolo_deploy import assert_close_fp32, converted, fused, image, predictions, training
 from fxrewrite.cli import main
 from fxrewrite.yolov9.export import ExportError, export_mode, export_onnx, export_pt2, run_onnx
 

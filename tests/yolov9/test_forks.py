@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from fork_trees import BUILD_SCRIPT, CHECK_SCRIPT, EXTRA_COMMON, EXTRA_YOLO, Fork, write_tree
+from helpers.fork_trees import BUILD_SCRIPT, CHECK_SCRIPT, EXTRA_COMMON, EXTRA_YOLO, Fork, write_tree
 from fxrewrite.cli import main
 
 NC = 3

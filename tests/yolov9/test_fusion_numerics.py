@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import fxrewrite
-from deploy_helpers import converted, fused, image
+from helpers.yolo_deploy import converted, fused, image
 from fxrewrite import Pattern, Rule
 from fxrewrite.verify import Tolerance
 from fxrewrite.yolov9 import tolerances
 from fxrewrite.yolov9.blocks import RepConvN
 from fxrewrite.yolov9.deploy import fuse
-from official import official, requires_official
+from helpers.official import official, requires_official
 
 
 def trained_looking(*batchnorms: nn.BatchNorm2d, seed: int = 0) -> None:

@@ -4,7 +4,7 @@ Two groups:
 
 * self-contained checks (shapes, state_dict keys, bias_init, DFL, anchor cache,
   geometry helpers, fx tracing, pickling);
-* oracle checks against the real official classes (``tests/yolov9/official.py``):
+* oracle checks against the real official classes (``tests/helpers/official.py``):
   identical weights must give identical state_dict layouts and bitwise-equal
   train/eval/export outputs, and a pickled official head re-bound to our classes
   must run unchanged.
@@ -23,10 +23,7 @@ import torch.nn as nn
 
 from fxrewrite.yolov9 import heads as H
 
-try:
-    from tests.yolov9.official import official, requires_official
-except ImportError:  # pytest run without the repo root on sys.path
-    from official import official, requires_official
+from helpers.official import official, requires_official
 
 
 STRIDES = (8.0, 16.0, 32.0)

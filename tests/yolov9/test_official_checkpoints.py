@@ -1,7 +1,7 @@
 """The independent oracle through the real entry point.
 
 Checkpoints written by the official code itself, as ``train_dual.py`` saves them
-(tests/yolov9/official_checkpoints.py), are converted by ``fxrewrite convert FILE -o OUT
+(tests/helpers/official_checkpoints.py), are converted by ``fxrewrite convert FILE -o OUT
 --verify`` (in-process, through :func:`fxrewrite.cli.main`), loaded back by the official
 code (``torch.load(weights_only=False)``: official classes) and run: the converted model's
 prediction must be bitwise what the official training model (its EMA weights, as stored)
@@ -18,8 +18,8 @@ import torch
 
 from fxrewrite.cli import main
 from fxrewrite.rule_file import load_rules
-from official import official, requires_official
-from official_checkpoints import IMAGE_SIZE, OFFICIAL_CHECKPOINTS
+from helpers.official import official, requires_official
+from helpers.official_checkpoints import IMAGE_SIZE, OFFICIAL_CHECKPOINTS
 
 pytestmark = requires_official
 

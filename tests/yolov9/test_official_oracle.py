@@ -1,4 +1,4 @@
-"""Smoke test for the official-code oracle (tests/yolov9/official.py)."""
+"""Smoke test for the official-code oracle (tests/helpers/official.py)."""
 import io
 import pickle
 import pickletools
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from official import official, requires_official
+from helpers.official import official, requires_official
 
 pytestmark = requires_official
 
@@ -81,9 +81,9 @@ def test_official_coexists_with_a_foreign_top_level_models_module(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import pickle, sys\n"
-        f"sys.path[:0] = [{str(tmp_path)!r}, {str(Path(__file__).parent)!r}]\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(Path(__file__).parents[1])!r}]\n"
         "import models\n"
-        "from official import official\n"
+        "from helpers.official import official\n"
         "off = official()\n"
         "assert sys.modules['models'] is models and models.MARK == 'foreign'\n"
         "conv = off.common.Conv(3, 8)\n"

@@ -8,7 +8,7 @@ from torch import nn
 import fxrewrite
 from fxrewrite import Pattern, RewriteError, Rule
 
-from toy_models import TwoBranch, example, seeded
+from helpers.toy_models import TwoBranch, example, seeded
 
 
 def remove(gm, pattern: Pattern, **args):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from official import official
+from helpers.official import official
 
 # Where each official training head puts its main prediction in its eval output, and where
 # the converted single head puts it: facts of the official heads (models/yolo.py).

@@ -5,7 +5,7 @@ Usage (for test authors)
 tests/ has no ``__init__.py``, so pytest (default "prepend" import mode) puts
 ``tests/yolov9`` on ``sys.path`` and a test module there imports this file as ``official``:
 
-    from official import official, official_available, requires_official
+    from helpers.official import official, official_available, requires_official
 
     pytestmark = requires_official          # without the wheel: fail, saying how to install it
     off = official()                        # cached; returns a SimpleNamespace

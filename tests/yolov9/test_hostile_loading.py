@@ -26,7 +26,7 @@ from fxrewrite.yolov9 import DetectionModel
 from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fxrewrite.yolov9.model import ConfigError
 
-from hostile_helpers import (MINI, EvilModule, assert_one_line_error, binunicode, handcrafted_payloads,
+from helpers.hostile import (MINI, EvilModule, assert_one_line_error, binunicode, handcrafted_payloads,
                              in_checkpoint, listing, nested_ordered_dicts, op_global, op_int, op_tuple,
                              payload_is_live, read_records, record_data_offset, record_holding, reduce_payloads,
                              run_cli, torch_zip_with_pickle, write_config, write_records)

@@ -19,7 +19,7 @@ from fxrewrite.yolov9 import DetectionModel
 from fxrewrite.yolov9 import checkpoint as ckpt_mod
 from fxrewrite.yolov9.checkpoint import load_checkpoint, save_checkpoint
 
-from hostile_helpers import MINI, assert_one_line_error, listing, run_cli
+from helpers.hostile import MINI, assert_one_line_error, listing, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Shared by tests/test_hostile_*.py: a tiny PGI config, hostile checkpoints, and running the CLI."""
+"""Shared by the hostile-input tests (tests/yolov9/test_hostile_*.py, tests/test_safe_load.py, tests/yolov9/test_differential_loading.py): a tiny PGI config, hostile checkpoints, and running the CLI."""
 from __future__ import annotations
 
 import math
