@@ -23,7 +23,8 @@ all-or-nothing and never over an input (the module file, the rule files).
 outputs (``fxrewrite.verify``): bitwise when no tensor was computed, within ``--rtol`` /
 ``--atol`` (default 1e-5 / 1e-6 times the largest output) when one was (a folded BatchNorm).
 On a mismatch nothing is written and the exit status is 1. ``--draw DIR`` writes
-``before.svg``, ``after.svg`` and ``diff.svg``.
+``before.svg``, ``after.svg`` and ``diff.svg`` in the same output set as ``OUT.pt``: all are
+published, or none (and ``DIR`` is made only then).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from .engine import rewrite
     from .rule_file import load_rules
     from .tracing import trace
-    from .io import check_output, write_bytes
+    from .io import atomic_writes, check_output
     from .verify import BITWISE, Tolerance, verify
 
     shapes = [parse_shape(s) for s in args.example_input]
@@ -103,21 +104,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"verify: {report.summary()}")
         if not report.passed:
             raise VerificationFailed(f"--verify failed: {report.summary()}; nothing was written")
-    if drawings is not None:
-        from .draw import write_rewrite_drawings
-
-        drawings.mkdir(parents=True, exist_ok=True)
-        for name in ("before.svg", "after.svg", "diff.svg"):
-            check_output(drawings / name, force=args.force, inputs=inputs)
-        written = write_rewrite_drawings(result, drawings)
-        print("drew", ", ".join(str(p) for p in written.values()))
     if args.state_dict:
         payload: dict[str, Any] = {"state_dict": result.module.state_dict(), "param_map": result.param_map}
     else:
         payload = {"module": result.module, "param_map": result.param_map}
-    write_bytes(out, lambda handle: torch.save(payload, handle), force=args.force, inputs=inputs)
-    print(f"wrote {out}")
+    pictures = _render_drawings(result) if drawings is not None else {}
+    paths = [out, *(drawings / name for name in pictures)]
+    made = drawings is not None and not drawings.exists()
+    if made:
+        drawings.mkdir(parents=True)
+    try:
+        # The model and its drawings are one output set: all of them are published, or none.
+        with atomic_writes(paths, force=args.force, inputs=inputs) as handles:
+            torch.save(payload, handles[0])
+            for handle, data in zip(handles[1:], pictures.values()):
+                handle.write(data)
+    except BaseException:
+        if made and not any(drawings.iterdir()):
+            drawings.rmdir()
+        raise
+    print("wrote", ", ".join(str(p) for p in paths))
     return 0
+
+
+def _render_drawings(result) -> dict[str, bytes]:
+    """``before``, ``after`` and ``diff`` as SVG, rendered in memory (as DOT source when Graphviz's
+    ``dot`` is missing, said on stderr) so that they are written with the model, all or nothing."""
+    from .draw import GraphvizMissing, draw_rewrite
+
+    pictures = {stem: draw_rewrite(result, view=view) for stem, view in
+                (("before", "before"), ("after", "after"), ("diff", "overlay"))}
+    try:
+        return {f"{stem}.svg": drawing.pipe("svg") for stem, drawing in pictures.items()}
+    except GraphvizMissing as exc:
+        print(f"fxrewrite: {exc}; writing the DOT sources instead", file=sys.stderr)
+        return {f"{stem}.dot": drawing.source.encode() for stem, drawing in pictures.items()}
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -154,3 +154,23 @@ def test_entry_point_with_drawings(models):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (models / "pictures").iterdir()) == ["after.svg", "before.svg", "diff.svg"]
     assert (models / "pictures" / "after.svg").read_text().startswith("<?xml")
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_the_model_and_its_drawings_are_written_all_or_nothing(models, capsys, monkeypatch):
+    def disk_full(obj, handle):
+        handle.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code = main(["rewrite", "mymodels:net", "--rules", "fuse-conv-bn", "-o", "out.pt", "--example-input", "1,3,8,8",
+                 "--draw", "pictures"])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+    assert sorted(p.name for p in models.iterdir()) == ["mymodels.py"]  # no model, no drawings, no folder
+    monkeypatch.undo()
+    monkeypatch.chdir(models)
+    assert main(["rewrite", "mymodels:net", "--rules", "fuse-conv-bn", "-o", "out.pt", "--example-input", "1,3,8,8",
+                 "--draw", "pictures"]) == 0
+    assert capsys.readouterr().out.endswith("wrote out.pt, pictures/before.svg, pictures/after.svg, pictures/diff.svg\n")
+    assert sorted(p.name for p in (models / "pictures").iterdir()) == ["after.svg", "before.svg", "diff.svg"]
