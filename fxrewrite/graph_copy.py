@@ -10,29 +10,12 @@ Owns :func:`copy_graph` (same node names and metadata, linear time, no per-node 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 
 from torch import fx
 from torch.fx.node import map_arg
 
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the cyclic garbage collector (restoring its state after).
-
-    Copying a large graph allocates many long-lived objects; each allocation burst
-    triggers collections that traverse the whole heap, which made copying a
-    100k-node graph about twice as slow and its cost grow faster than linearly.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+from .gcpause import paused
 
 
 # What the ``Node.args`` / ``Node.kwargs`` setters call, without ``Node.__setattr__``'s overhead.
@@ -52,7 +35,7 @@ def copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     val_map: dict[fx.Node, fx.Node] = {}
     lookup = val_map.__getitem__
     create = new.create_node
-    with _gc_paused():  # only live objects are created: collecting would scan the heap for nothing
+    with paused():  # only live objects are created: collecting would scan the heap for nothing
         for node in graph.nodes:
             copied = create(node.op, node.target, None, None, node.name, node.type)
             if node.args or node.kwargs:

@@ -43,11 +43,10 @@ fxrewrite.serialization.errors.RefusedGlobal: ...: refused to load: the pickle r
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
+from ..gcpause import paused
 from .allowlist import AllowList, Checked, Deferred, Inert, Refused
 from .archive import DEFAULT_MAX_PICKLE_BYTES, Record, RecordProblem, TorchArchive
 from .errors import LoadError, RefusedGlobal
@@ -57,26 +56,10 @@ from .scan import pickle_globals
 from .standard import standard_globals
 from .unpickler import GlobalNotAllowed, Loader
 
-__all__ = ["load", "gc_paused", "AllowList", "Checked", "Inert", "Deferred", "Refused", "LoadError", "RefusedGlobal",
+__all__ = ["load", "AllowList", "Checked", "Inert", "Deferred", "Refused", "LoadError", "RefusedGlobal",
            "TorchArchive", "Record", "RecordProblem", "standard_globals", "pickle_globals", "MemoryBudget"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside (restored afterwards, as the caller had it).
-
-    Unpickling a model makes hundreds of thousands of container objects and none
-    of them is garbage; each collection would scan them all again, for nothing.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | None = None,
@@ -97,7 +80,7 @@ def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | N
         budget = MemoryBudget(default_budget(archive.size) if memory_budget is None else memory_budget)
         loader = Loader(archive, allow)
         try:
-            with gc_paused():
+            with paused():
                 obj = loader.unpickle(data, budget)
         except GlobalNotAllowed as exc:
             raise RefusedGlobal(f"{shown}: refused to load: the pickle references {exc.name}, which is not allowed "
@@ -108,6 +91,6 @@ def load(path: PathLike, allow: AllowList, *, mmap: bool = False, shown: str | N
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LoadError(f"{shown}: corrupt or malformed pickle in data.pkl ({type(exc).__name__}"
                             f"{': ' + first if first else ''}); nothing from the file was executed") from None
-    with gc_paused():
+    with paused():  # walking what was built: nothing is garbage
         check_loaded(obj, loader, shown)
     return obj

@@ -52,7 +52,8 @@ from torch import nn
 from ..errors import FxRewriteError
 from ..rebind import clone_module
 from ..io import ErrorRecordingFile, PathLike, atomic_writes, check_output
-from ..serialization import LoadError, RefusedGlobal, gc_paused, load as safe_load, pickle_globals, standard_globals
+from ..gcpause import paused
+from ..serialization import LoadError, RefusedGlobal, load as safe_load, pickle_globals, standard_globals
 from .classes import checkpoint_allow_list, official_aliases
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_checkpoint", "save_safetensors",
@@ -364,7 +365,7 @@ def _pickle_module(official_names: dict[type, str], loadable: set[str]) -> types
         def dump(self, obj):
             super().dump(obj)
             data = self._buffer.getvalue()
-            with gc_paused():  # copying the memo makes a tuple per pickled object: no collections meanwhile
+            with paused():  # copying the memo makes a tuple per pickled object: no collections meanwhile
                 renamed = _official_globals_by_memo(data, self.memo.copy(), renames, loadable)
             self._target.write(renamed if renamed is not None else _official_globals(data, renames, loadable))
 

@@ -18,13 +18,13 @@ from torch import nn
 
 import fxrewrite
 from fxrewrite import Pattern, Rule
+from helpers.graphviz import needs_dot
 from fxrewrite.draw import (STATUS_STYLES, Drawing, draw_graph, draw_rewrite, format_shape, param_rows,
                             write_rewrite_drawings)
 from fxrewrite.engine import COLLAPSED, KEPT, NEW, PRUNED, REPLACED
 from fxrewrite.errors import DrawError, FxRewriteError, GraphvizMissing
 from fxrewrite.examples import DEMO_RULES, aux_branch_model
 
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK_TITLE = "{http://www.w3.org/1999/xlink}title"
 

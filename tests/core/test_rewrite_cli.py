@@ -5,7 +5,6 @@ command wrote (read back with ``torch.load``)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from fxrewrite.cli import main
+from helpers.graphviz import needs_dot
 
 MODELS = textwrap.dedent('''
     import torch
@@ -145,7 +145,7 @@ def test_the_output_is_never_an_input(models, capsys):
     assert (models / "mymodels.py").read_bytes() == before and (models / "gelu.yaml").read_text() == GELU
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+@needs_dot
 def test_entry_point_with_drawings(models):
     env = dict(os.environ, PYTHONPATH=str(models))
     done = subprocess.run([sys.executable, "-m", "fxrewrite.cli", "rewrite", "mymodels:net", "--rules", "fuse-conv-bn",
@@ -156,7 +156,7 @@ def test_entry_point_with_drawings(models):
     assert (models / "pictures" / "after.svg").read_text().startswith("<?xml")
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+@needs_dot
 def test_the_model_and_its_drawings_are_written_all_or_nothing(models, capsys, monkeypatch):
     def disk_full(obj, handle):
         handle.write(b"PK partial")

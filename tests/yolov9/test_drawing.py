@@ -1,12 +1,12 @@
 """Drawings of a YOLOv9 rewrite: backbone / head / auxiliary boxes, one box per layer at op granularity."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
 from fxrewrite.draw import draw_rewrite
+from helpers.graphviz import needs_dot
 from fxrewrite.yolov9 import DetectionModel
 from fxrewrite.yolov9.convert import trace_and_rewrite
 from fxrewrite.yolov9.drawing import AUXILIARY, BACKBONE, HEAD, layer_clusters, layer_of
@@ -59,7 +59,7 @@ def test_op_granularity_drawing_has_layer_boxes_and_folded_chains(yolov9_t):
     assert operations <= set(drawing.statuses)  # folded or not, every operation is drawn
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+@needs_dot
 def test_op_granularity_drawing_renders(yolov9_t):
     model, results = yolov9_t
     result = results["op"]
