@@ -38,7 +38,7 @@ from .gcpause import gc_paused
 from .pattern import Match
 from .result import Rejection, RewriteResult, RuleLog
 from .rules import BoundRule, Rule, RuleSet, references
-from .shapes import EXAMPLE_INPUTS_META, VALUES_META, propagate_shapes, shape_tree
+from .shapes import EXAMPLE_INPUTS_META, SHAPES_ONLY_META, VALUES_META, propagate_shapes, shape_tree
 from .tensors import named_tensors
 from .tracing import TRACE_META
 
@@ -93,7 +93,7 @@ def _build(ctx: RewriteContext, original: fx.GraphModule) -> fx.GraphModule:
     # Lazy: validation only interprets the graph (shape propagation), and code
     # generation is linear but costly (3-4x a dead-code pass on large graphs).
     gm = _ResultModule({t: ctx.modules[t] for t in used}, ctx.graph, class_name=type(original).__name__)
-    gm.meta.update({k: v for k, v in original.meta.items() if k in (TRACE_META, EXAMPLE_INPUTS_META)})
+    gm.meta.update({k: v for k, v in original.meta.items() if k in (TRACE_META, EXAMPLE_INPUTS_META, SHAPES_ONLY_META)})
     return gm
 
 

@@ -12,6 +12,7 @@ accessors.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
+from .conv_shapes import convolutions_by_shape
 from .errors import FxRewriteError
 
 EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
@@ -27,6 +29,8 @@ EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
 # re-check shapes by recomputing only the nodes a rule changed and those downstream of them.
 VALUES_META = "fxrewrite.example_values"
 VALUES_LIMIT_BYTES = 64 * 2**20
+# Whether the last propagation computed convolutions by shape alone (a rewrite propagates the same way).
+SHAPES_ONLY_META = "fxrewrite.shapes_only"
 
 
 class ShapePropagationError(FxRewriteError, RuntimeError):
@@ -112,12 +116,18 @@ def _mutable(value: Any) -> Any:
     return [_mutable(v) for v in value] if isinstance(value, list) else value
 
 
-def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None) -> Any:
+def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None,
+                     shapes_only: bool | None = None) -> Any:
     """Run ``gm`` on ``example_inputs`` and store ``tensor_meta`` on every node; return the output.
 
     A node that fails raises :class:`ShapePropagationError` naming it. ``known``
     (node name -> value) gives nodes whose value is not recomputed. The values of
     all nodes are kept in ``gm.meta`` when they are small (see ``VALUES_META``).
+
+    With ``shapes_only``, convolutions are not computed
+    (:func:`fxrewrite.conv_shapes.convolutions_by_shape`): every shape and dtype is
+    the same, the values (and the returned output) are not the model's. ``None``:
+    as the last propagation of ``gm`` did (a rewrite's probe inherits it), else False.
 
     Running the graph leaves the modules' buffers as they were: a BatchNorm in
     training mode would otherwise update its running statistics, and the modules
@@ -127,13 +137,15 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
     saved = [(b, b.clone()) for b in buffers]
     prop = _ShapeProp(gm)
     env = {n: known[n.name] for n in gm.graph.nodes if known and n.name in known and n.op != "output"}
+    if shapes_only is None:
+        shapes_only = bool(gm.meta.get(SHAPES_ONLY_META, False))
     threads = torch.get_num_threads()
     try:
         # One intra-op thread: the example inputs are small, so hundreds of tiny kernels would spend
         # more time handing work to other threads than computing (measured on yolov9-e: 0.3 s with
         # one thread, 1.5-4.5 s with two on a busy 2-core machine). Shapes do not depend on it.
         torch.set_num_threads(1)
-        with torch.no_grad():
+        with torch.no_grad(), (convolutions_by_shape() if shapes_only else contextlib.nullcontext()):
             out = prop.run(*example_inputs, initial_env=env or None)
     finally:
         torch.set_num_threads(threads)
@@ -141,6 +153,7 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
             for buffer, value in saved:
                 buffer.copy_(value)
     gm.meta[EXAMPLE_INPUTS_META] = example_inputs
+    gm.meta[SHAPES_ONLY_META] = shapes_only
     if prop.values is not None:
         prop.values.update({name: value for name, value in (known or {}).items() if name not in prop.values})
     gm.meta[VALUES_META] = prop.values

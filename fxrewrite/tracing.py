@@ -193,6 +193,7 @@ def trace(
     torch_builtins: bool = True,
     auto_leaf: bool = True,
     concrete_args: dict[str, Any] | None = None,
+    shapes_only: bool = False,
 ) -> fx.GraphModule:
     """Trace ``module`` into a :class:`torch.fx.GraphModule` with provenance on every node.
 
@@ -203,7 +204,9 @@ def trace(
 
     With ``example_inputs``, shapes are propagated and every node gets
     ``node.meta["tensor_meta"]`` (shape, dtype); the inputs are kept in
-    ``gm.meta`` so that later rewrites can re-check shapes.
+    ``gm.meta`` so that later rewrites can re-check shapes. With ``shapes_only``
+    convolutions are not computed while doing so (same shapes, much less
+    arithmetic: see :mod:`fxrewrite.conv_shapes`); rewrites then re-check the same way.
 
     The module is traced in its current mode (``train()``/``eval()``); it is not modified: fx
     stores tensors computed at trace time as attributes of the root it traces, so it traces a
@@ -228,7 +231,7 @@ def trace(
     gm.meta[TRACE_META] = TraceReport(policy, dict(tracer.auto_leaves),
                                       {name: origins for name, origins in tracer.constants.items() if name in read})
     if example_inputs:
-        propagate_shapes(gm, *example_inputs)
+        propagate_shapes(gm, *example_inputs, shapes_only=shapes_only)
     return gm
 
 

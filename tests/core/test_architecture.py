@@ -97,7 +97,7 @@ STEP_OF = {
     "naming": "shared", "tensors": "shared", "errors": "shared", "io": "shared", "safe_yaml": "shared",
     "serialization": "shared", "output_files": "shared",
     "examples": "shared",
-    "tracing": "trace", "provenance": "trace", "shapes": "trace",
+    "tracing": "trace", "provenance": "trace", "shapes": "trace", "conv_shapes": "trace",
     "pattern": "match", "rule_file": "match", "rule_tables": "match", "yaml_lines": "match", "rules": "match",
     "registry": "match", "checks": "match",
     "context": "act", "call_sites": "act", "graph_copy": "act", "actions": "act", "modules": "act",

@@ -11,12 +11,13 @@ from fxrewrite import Pattern, RewriteError, Rule, RuleSet, register_action
 from helpers.toy_models import Chain, Snapshot, TwoBranch, example, seeded
 
 
-@pytest.fixture
-def chain():
-    """(model, example input, traced module with shapes, snapshot of it)."""
+@pytest.fixture(params=[False, True], ids=["computed", "shapes-only"])
+def chain(request):
+    """(model, example input, traced module with shapes, snapshot of it); shapes propagated by computing
+    every convolution or by shape alone: a rewrite must be refused the same way, with the same message."""
     model = seeded(Chain())
     x = example(2, 3, 4, 4)
-    gm = fxrewrite.trace(model, x)
+    gm = fxrewrite.trace(model, x, shapes_only=request.param)
     return model, x, gm, Snapshot(gm)
 
 
