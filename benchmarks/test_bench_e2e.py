@@ -5,7 +5,8 @@ Two rows per model (yolov9-c and yolov9-e), each measured side by side in one ru
 * **whole process**: a fresh ``fxrewrite convert IN -o OUT`` process against a fresh
   ``python benchmarks/notebook_method.py IN OUT`` process (the notebook's cells as a script, the
   official code importable, plain ``torch.load``; see that file), interleaved A, B, B, A in every
-  round; wall time and peak memory (``ru_maxrss`` of each child) per process;
+  round; wall time and peak memory (``ru_maxrss`` of each child) per process; a third process
+  per round, ``python -c "import torch"``, gives the floor any torch program pays;
 * **conversion stage**: in one process, after imports and loading: ``fxrewrite.yolov9.convert``
   of the loaded training model against the notebook's build-and-copy (the official ``Model`` built
   from ``gelan-X.yaml``, every tensor copied through the notebook's index map), interleaved.
@@ -71,6 +72,10 @@ def _fxrewrite_command(src: Path, out: Path) -> list[str]:
     return head + ["convert", str(src), "-o", str(out), "--force"]
 
 
+# The least a process that uses torch takes: the interpreter starting and importing torch, nothing else.
+FLOOR = [sys.executable, "-c", "import torch"]
+
+
 def _notebook_command(src: Path, out: Path, variant: str) -> list[str]:
     return [sys.executable, str(NOTEBOOK_SCRIPT), str(src), str(out), "--variant", variant]
 
@@ -110,13 +115,14 @@ def _table_line(name: str, a: list[float], b: list[float], unit: str) -> str:
 def test_whole_process(benchmark, best_pt, variant, tmp_path):
     src = best_pt[variant]
     ours, theirs = _fxrewrite_command(src, tmp_path / "fx.pt"), _notebook_command(src, tmp_path / "nb.pt", variant)
-    times = {"fxrewrite": [], "notebook": []}
-    memory = {"fxrewrite": [], "notebook": []}
+    times = {"fxrewrite": [], "notebook": [], "floor": []}
+    memory = {"fxrewrite": [], "notebook": [], "floor": []}
     ratios = []
 
     def abba():
         pair = {}
-        for name, command in (("fxrewrite", ours), ("notebook", theirs), ("notebook", theirs), ("fxrewrite", ours)):
+        for name, command in (("fxrewrite", ours), ("notebook", theirs), ("floor", FLOOR), ("notebook", theirs),
+                              ("fxrewrite", ours)):
             seconds, peak = run_process(command)
             times[name].append(seconds)
             memory[name].append(peak)
@@ -132,6 +138,11 @@ def test_whole_process(benchmark, best_pt, variant, tmp_path):
     print(f"  {'interleaved ratio (A+A)/(B+B)':34s} median {statistics.median(ratios):.2f}x, "
           f"range {min(ratios):.2f}..{max(ratios):.2f}")
     print(_table_line("peak memory, median", memory["fxrewrite"], memory["notebook"], "MB"))
+    floor, notebook = statistics.median(times["floor"]), statistics.median(times["notebook"])
+    label = "floor: python -c 'import torch'"
+    print(f"  {label:34s} {floor:8.2f} s = {floor / notebook:.2f}x the notebook "
+          "(what any torch program pays before its first line of work)")
+    benchmark.extra_info["floor ratio"] = floor / notebook
 
 
 def notebook_stage(official_training, variant: str):

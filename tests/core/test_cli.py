@@ -1,6 +1,11 @@
 """The command line: ``fxrewrite demo`` and ``fxrewrite rules``."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from fxrewrite import registry
@@ -76,3 +81,30 @@ def test_unknown_command_is_a_usage_error(capsys):
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def _program(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The installed ``fxrewrite`` program (its console script), as users run it."""
+    script = shutil.which("fxrewrite", path=os.path.dirname(sys.executable))
+    assert script, "the fxrewrite console script is not installed next to this Python (pip install -e .)"
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_the_program_ends_with_mains_status_and_all_its_output(tmp_path):
+    # fxrewrite.cli.run ends the process with os._exit after main: the status and every line
+    # printed (buffered: stdout is a pipe here) must still arrive.
+    done = _program("rules")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("actions: ") and lines[1].startswith("checks: ") and done.stdout.endswith("\n")
+    assert done.stdout == subprocess.run([sys.executable, "-c", "import sys; from fxrewrite.cli import main; "
+                                          "sys.exit(main(['rules']))"], capture_output=True, text=True).stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [1]\n")
+    done = _program("rules", str(bad))
+    assert done.returncode == 1
+    assert done.stderr == f"fxrewrite: error: {bad}:1: each rule must be a mapping with at least 'name' and 'action'\n"
+    done = _program("no-such-command")
+    assert done.returncode == 2 and "invalid choice: 'no-such-command'" in done.stderr
+    done = _program()
+    assert done.returncode == 2 and done.stdout.startswith("usage: fxrewrite")
