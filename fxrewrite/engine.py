@@ -99,8 +99,13 @@ def _build(ctx: RewriteContext, original: fx.GraphModule) -> fx.GraphModule:
 
 def _signature(ctx: RewriteContext, node: fx.Node) -> tuple:
     """What a node computes, as far as a rule can change it: its operation, target, inputs, and
-    the module object it calls (``replace`` swaps the module behind an unchanged target)."""
-    inputs = map_arg((node.args, node.kwargs), lambda n: n.name)
+    the module object it calls (``replace`` swaps the module behind an unchanged target).
+
+    An input with a cached value counts as that value object: a node that now reads another node
+    holding the very same object (a collapsed pass-through returns its input itself) computes what
+    it did, so neither it nor anything downstream is run again."""
+    inputs = map_arg((node.args, node.kwargs),
+                     lambda n: ("value", id(ctx.values[n.name])) if n.name in ctx.values else n.name)
     module = id(ctx.modules.get(node.target)) if node.op in ("call_module", "get_attr") else None
     return node.op, str(node.target), repr(inputs), module
 

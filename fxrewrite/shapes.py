@@ -133,10 +133,9 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
     training mode would otherwise update its running statistics, and the modules
     are usually the caller's (a trace or a rewrite shares them).
     """
-    buffers = {id(b): b for b in gm.buffers()}.values()
-    saved = [(b, b.clone()) for b in buffers]
-    prop = _ShapeProp(gm)
     env = {n: known[n.name] for n in gm.graph.nodes if known and n.name in known and n.op != "output"}
+    saved = [(b, b.clone()) for b in _buffers_reached(gm, env)]
+    prop = _ShapeProp(gm)
     if shapes_only is None:
         shapes_only = bool(gm.meta.get(SHAPES_ONLY_META, False))
     threads = torch.get_num_threads()
@@ -158,6 +157,29 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
         prop.values.update({name: value for name, value in (known or {}).items() if name not in prop.values})
     gm.meta[VALUES_META] = prop.values
     return out
+
+
+def _buffers_reached(gm: fx.GraphModule, env: dict[fx.Node, Any]) -> list[torch.Tensor]:
+    """Every buffer the nodes that will run (those not in ``env``) can change: the buffers of the
+    modules they call and those they read as attributes (a graph reaches a buffer no other way).
+    When most nodes are known (a rewrite re-checking what it changed), that is a few modules'."""
+    if not env:
+        return list({id(b): b for b in gm.buffers()}.values())
+    found: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node in env or node.op not in ("call_module", "get_attr"):
+            continue
+        target = gm.get_submodule(node.target) if node.op == "call_module" else _attribute(gm, node.target)
+        if isinstance(target, torch.nn.Module):
+            found.update((id(b), b) for b in target.buffers())
+        elif isinstance(target, torch.Tensor) and not isinstance(target, torch.nn.Parameter):
+            found[id(target)] = target
+    return list(found.values())
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple | None:

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxrewrite.shapes import tensor_metadata
+import fxrewrite
+from fxrewrite import Pattern, Rule
+from fxrewrite.shapes import shape_of, tensor_metadata
+from helpers.toy_models import Chain, example, seeded
 
 LAYOUTS = {
     "contiguous": lambda: torch.zeros(2, 3, 4, 5),
@@ -66,3 +69,49 @@ def test_propagating_shapes_restores_the_thread_count_even_when_a_node_fails():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- re-checking shapes after a rule runs what the rule changed, and nothing else ---------------
+def _calls_during(gm, rules, model) -> dict[str, int]:
+    calls = {name: 0 for name, _ in model.named_children()}
+    hooks = [m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, m in model.named_children()]
+    try:
+        result = fxrewrite.rewrite(gm, rules)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, result
+
+
+def test_collapsing_a_pass_through_runs_nothing_again():
+    model = seeded(Chain())
+    gm = fxrewrite.trace(model, example(2, 3, 4, 4))
+    calls, result = _calls_during(gm, [Rule("no-identity", "collapse", Pattern(module_name="ident"))], model)
+    # c2 now reads c1's output itself: the very value it read through the identity
+    assert calls == {"c1": 0, "ident": 0, "c2": 0, "act": 0}
+    assert result.node_status["ident"] == "collapsed"
+    assert shape_of(next(n for n in result.module.graph.nodes if n.name == "act")) == (2, 8, 4, 4)
+
+
+def test_a_replaced_layer_runs_again_with_what_is_downstream_of_it():
+    model = seeded(Chain())
+    gm = fxrewrite.trace(model, example(2, 3, 4, 4))
+    rule = Rule("swap", "replace", Pattern(module_name="c1"),
+                args={"with": "nn.Conv2d", "init": {"in_channels": 3, "out_channels": 8, "kernel_size": 1}})
+    calls, result = _calls_during(gm, [rule], model)
+    assert calls == {"c1": 0, "ident": 1, "c2": 1, "act": 1}  # c1's replacement is a new module
+    assert result.node_status["c1"] == "replaced"
+
+
+def test_re_checking_leaves_the_buffers_of_what_runs_again_as_they_were():
+    # a BatchNorm in training mode downstream of the change runs again: its statistics must not move
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Identity(), torch.nn.BatchNorm2d(4)).train()
+    gm = fxrewrite.trace(model, torch.randn(2, 3, 4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rule = Rule("swap", "replace", Pattern(module_name="0"),
+                args={"with": "nn.Conv2d", "init": {"in_channels": 3, "out_channels": 4, "kernel_size": 1}})
+    calls, result = _calls_during(gm, [rule], model)
+    assert calls["2"] == 1  # it did run again
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
