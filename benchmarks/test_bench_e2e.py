@@ -9,7 +9,9 @@ Two rows per model (yolov9-c and yolov9-e), each measured side by side in one ru
   per round, ``python -c "import torch"``, gives the floor any torch program pays;
 * **conversion stage**: in one process, after imports and loading: ``fxrewrite.yolov9.convert``
   of the loaded training model against the notebook's build-and-copy (the official ``Model`` built
-  from ``gelan-X.yaml``, every tensor copied through the notebook's index map), interleaved.
+  from ``gelan-X.yaml``, every tensor copied through the notebook's index map), interleaved; each
+  call starts from a collected heap (an untimed ``gc.collect()``), so that neither side pays for
+  collecting the other's garbage.
 
 The input is what users convert: ``best.pt`` as ``train_dual.py`` leaves it at the end of
 training (``strip_optimizer``: the EMA weights as fp16 ``model``, no optimizer), written by the
@@ -19,6 +21,7 @@ loader and saver). Run: ``python -m pytest benchmarks/test_bench_e2e.py --benchm
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -37,6 +40,7 @@ import notebook_method
 
 NOTEBOOK_SCRIPT = Path(notebook_method.__file__).resolve()
 ROUNDS = 4  # ABBA rounds per model: 8 processes on each side
+STAGE_ROUNDS = 10  # ABBA rounds of the conversion stage (after one warm-up round): 20 calls on each side
 VARIANTS = ("c", "e")
 
 
@@ -176,6 +180,7 @@ def test_conversion_stage(benchmark, best_pt, variant):
     ratios = []
 
     def timed(name, fn):
+        gc.collect()  # untimed: each call starts from a collected heap, so neither side pays for the other's garbage
         start = time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - start)
@@ -187,7 +192,7 @@ def test_conversion_stage(benchmark, best_pt, variant):
         a += timed("fxrewrite", lambda: convert(ours))
         ratios.append(a / b)
 
-    benchmark.pedantic(abba, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(abba, rounds=STAGE_ROUNDS + 1, iterations=1, warmup_rounds=1)
     measured = ratios[1:] if len(ratios) > 1 else ratios
     benchmark.extra_info.update({"ratio median": statistics.median(measured), "ratios": measured})
     print(f"\nyolov9-{variant}, conversion stage, interleaved:")

@@ -8,12 +8,39 @@ from torch import nn
 
 
 def named_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer of ``module`` with its qualified name (shared ones under each name)."""
-    dot = f"{prefix}." if prefix else ""
-    for name, param in module.named_parameters(remove_duplicate=False):
-        yield dot + name, param
-    for name, buf in module.named_buffers(remove_duplicate=False):
-        yield dot + name, buf
+    """Every parameter and buffer of ``module`` with its qualified name (shared ones under each name).
+
+    The same names, tensors and order as ``named_parameters(remove_duplicate=False)`` followed by
+    ``named_buffers(remove_duplicate=False)``, read from the modules' own registries in one walk:
+    torch's generators walk the hierarchy once each through several generator layers, and this
+    is called for every layer of a model several times per rewrite.
+
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    >>> [name for name, _ in named_tensors(m, "net")][:3], len(list(named_tensors(m)))
+    (['net.0.weight', 'net.0.bias', 'net.1.weight'], 7)
+    """
+    modules = _named_modules(module, prefix)
+    for owner, m in modules:
+        for name, param in m._parameters.items():
+            if param is not None:
+                yield f"{owner}.{name}" if owner else name, param
+    for owner, m in modules:
+        for name, buf in m._buffers.items():
+            if buf is not None:
+                yield f"{owner}.{name}" if owner else name, buf
+
+
+def _named_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """``module.named_modules(prefix=prefix, remove_duplicate=False)`` as a list, without recursion
+    through generators (depth-first, each module before its children, in registration order)."""
+    found: list[tuple[str, nn.Module]] = []
+    stack = [(prefix, module)]
+    while stack:
+        name, m = stack.pop()
+        found.append((name, m))
+        children = [(f"{name}.{key}" if name else key, child) for key, child in m._modules.items() if child is not None]
+        stack.extend(reversed(children))
+    return found
 
 
 def bind_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

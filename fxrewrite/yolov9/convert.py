@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..gcpause import gc_paused
 from .. import trace as fx_trace
 from ..engine import RewriteResult, rewrite
 from ..errors import FxRewriteError, RebindError
@@ -144,6 +145,7 @@ def _compiled_shipped_rules(name: str, mtime_ns: int, size: int) -> RuleSet:
     return load_rules(name)
 
 
+@gc_paused  # one pause for the whole conversion (trace, rewrite, assembly): see fxrewrite.gcpause
 def convert(model: nn.Module, rules: RuleSet | None = None, *, example_size: int | None = None,
             classes: Any = None) -> Conversion:
     """Convert a layered YOLO model (official classes or fxrewrite's) with ``rules`` (default: yolov9.yaml).
@@ -215,7 +217,8 @@ def _convert(model: nn.Module, rules: RuleSet | None, example_size: int | None, 
     if classes is None:
         _check_config_describes(model, config, kept, converted, result)
         _copy_model_attributes(model, converted)
-    converted.eval()
+    if any(m.training for m in converted.modules()):
+        converted.eval()
     status = result.node_status
     index_of_name = {n.name: _layer_index_by_target(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     return Conversion(

@@ -58,9 +58,11 @@ def fixed_flags(model: nn.Module) -> dict[str, Any]:
 
 
 def set_eval(model: nn.Module) -> dict[nn.Module, bool]:
-    """Put every module of ``model`` in eval mode; returns the modes :func:`restore_modes` puts back."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    """Put every module of ``model`` in eval mode; returns the modes :func:`restore_modes` puts back
+    (only those in training mode: a loaded checkpoint is in eval mode already, nothing to do)."""
+    modes = {m: True for m in model.modules() if m.training}
+    if modes:
+        model.eval()  # through train(False): a block may do more there than set its flag
     return modes
 
 

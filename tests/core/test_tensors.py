@@ -1,0 +1,47 @@
+"""``fxrewrite.tensors.named_tensors`` names exactly what torch's own walks name, in torch's order."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxrewrite.tensors import named_tensors
+from helpers.any_models import IMAGE_MODELS, build
+
+
+def torchs_own(module: nn.Module, prefix: str = ""):
+    dot = f"{prefix}." if prefix else ""
+    yield from ((dot + n, p) for n, p in module.named_parameters(remove_duplicate=False))
+    yield from ((dot + n, b) for n, b in module.named_buffers(remove_duplicate=False))
+
+
+def odd_module() -> nn.Module:
+    """A module shared twice, a None child, a None parameter, a non-persistent buffer, a parameter
+    directly on the root after its children."""
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.BatchNorm1d(2)))
+    model.add_module("missing", None)
+    model.register_buffer("scratch", torch.zeros(3), persistent=False)
+    model.register_parameter("unused", None)
+    model.scale = nn.Parameter(torch.ones(1))
+    model[1].register_buffer("empty", None)
+    return model
+
+
+MODELS = {"odd": odd_module, **{name: (lambda cls=cls: build(cls)) for name, cls in IMAGE_MODELS.items()}}
+
+
+@pytest.mark.parametrize("prefix", ["", "net"])
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_names_tensors_and_order_are_torchs(make, prefix):
+    model = make()
+    ours = [(name, id(t)) for name, t in named_tensors(model, prefix)]
+    assert ours == [(name, id(t)) for name, t in torchs_own(model, prefix)]
+    assert len(ours) > 4
+
+
+def test_a_yolo_model():
+    from fxrewrite.yolov9 import DetectionModel
+
+    model = DetectionModel("yolov9-t")
+    assert [(n, id(t)) for n, t in named_tensors(model)] == [(n, id(t)) for n, t in torchs_own(model)]
