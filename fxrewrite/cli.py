@@ -134,7 +134,8 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     to disk, renamed into place and closed, and no thread is left. So only what is still
     buffered (the standard streams, logging) is flushed, then ``os._exit``. :func:`main` itself
     returns normally, for callers in Python. An error escaping :func:`main` ends the usual way
-    (with its traceback).
+    (with its traceback). (``atexit`` handlers do not run: fxrewrite registers none; a ``--code``
+    tree's logging is flushed above.)
 
     Before :func:`main`, every object alive (torch and fxrewrite, imported by now: they live as long
     as the process) is moved out of the garbage collector's sight with ``gc.freeze``: the first
