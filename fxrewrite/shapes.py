@@ -46,13 +46,22 @@ class ShapePropagationError(FxRewriteError, RuntimeError):
         super().__init__(f"node {node.name} failed: {type(cause).__name__}" + (f": {first[0]}" if first else ""))
 
 
+_NO_MODULES = torch.nn.Module()
+
+
 class _ShapeProp(ShapeProp):
     """ShapeProp without its failure path, which prints a traceback to stderr and raises an
     error whose message is the failing node's whole metadata; this one raises
     :class:`ShapePropagationError` instead. (No fake mode: fxrewrite runs real inputs.)"""
 
     def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+        # fx's Interpreter starts by listing every submodule of ``gm`` (a walk of the whole model, here
+        # for nothing: modules are fetched by target), once per propagation, and a rewrite propagates
+        # after every rule. So it is given an empty module and the graph, and ``gm`` after.
+        # (ShapeProp's own __init__ only adds its fake-tensor mode, which run_node below never uses.)
+        fx.Interpreter.__init__(self, _NO_MODULES, graph=gm.graph)
+        self.module = self.real_module = gm
+        self.fake_module = self.fake_mode = None
         self.extra_traceback = False  # do not append the node and a traceback to the message
         self.values: dict[str, Any] | None = {}  # node name -> value, while under VALUES_LIMIT_BYTES
         self._bytes = 0

@@ -224,9 +224,8 @@ def trace(
     # rewritten before anything runs them, and code generation costs a fifth of a large trace.
     gm = _TracedModule(tracer.root, graph, class_name=type(module).__name__)
     root_class = type(module).__name__
-    modules = dict(module.named_modules())
     for node in gm.graph.nodes:
-        node.meta[META_KEY] = Provenance(*_owner(node, modules, root_class), origins=(node.name,))
+        node.meta[META_KEY] = Provenance(*_owner(node, module, root_class), origins=(node.name,))
     read = {n.target for n in graph.nodes if n.op == "get_attr"}
     gm.meta[TRACE_META] = TraceReport(policy, dict(tracer.auto_leaves),
                                       {name: origins for name, origins in tracer.constants.items() if name in read})
@@ -265,13 +264,14 @@ def _drop_concrete_guards(graph: fx.Graph) -> None:
                 graph.erase_node(checked)
 
 
-def _owner(node: fx.Node, modules: dict[str, nn.Module], root_class: str) -> tuple[str, str]:
-    """(qualified name, class name) of the module a node belongs to."""
+def _owner(node: fx.Node, root: nn.Module, root_class: str) -> tuple[str, str]:
+    """(qualified name, class name) of the module a node belongs to (looked up by path: a layer-level
+    trace has a few nodes, its model thousands of modules)."""
     if node.op == "call_module":
-        return node.target, type(modules[node.target]).__name__
+        return node.target, type(root.get_submodule(node.target)).__name__
     if node.op == "get_attr":
         owner = node.target.rpartition(".")[0]
-        return owner, (type(modules[owner]).__name__ if owner else root_class)
+        return owner, (type(root.get_submodule(owner)).__name__ if owner else root_class)
     stack = node.meta.get("nn_module_stack")
     if stack:
         qualname, cls = list(stack.values())[-1]
