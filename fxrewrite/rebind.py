@@ -123,6 +123,10 @@ def bind_tensors(template: nn.Module, sources: Mapping[str, torch.Tensor],
     return bound
 
 
+_CONTAINERS = frozenset((list, dict, set, OrderedDict))  # copied one level deep (exact types, as before)
+_TENSOR_DICTS = frozenset(("_parameters", "_buffers"))
+
+
 def clone_module(module: nn.Module, *, tensor_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  class_for: Callable[[type], type] | None = None) -> nn.Module:
     """New module objects for the whole tree of ``module``, holding the *same* parameter and
@@ -158,17 +162,19 @@ def clone_module(module: nn.Module, *, tensor_fn: Callable[[torch.Tensor], torch
         cls = class_for(type(m)) if class_for is not None else type(m)
         new = cls.__new__(cls)
         clones[id(m)] = new
-        state: dict[str, Any] = {}
-        for key, value in m.__dict__.items():
-            if key == "_modules":
-                value = {name: None if child is None else visit(child) for name, child in value.items()}
-            elif key in ("_parameters", "_buffers"):
-                value = {name: tensor(t) for name, t in value.items()}
-            elif isinstance(value, types.MethodType) and value.__self__ is m:
-                value = types.MethodType(value.__func__, new)
-            elif type(value) in (list, dict, set, OrderedDict):
-                value = type(value)(value)
-            state[key] = value
+        state = m.__dict__.copy()
+        for key, value in state.items():  # values replaced in place: the keys (and order) stay
+            kind = type(value)
+            if kind in _CONTAINERS:
+                if key == "_modules":
+                    value = {name: None if child is None else visit(child) for name, child in value.items()}
+                elif key in _TENSOR_DICTS:
+                    value = {name: tensor(t) for name, t in value.items()}
+                else:
+                    value = kind(value)
+                state[key] = value
+            elif kind is types.MethodType and value.__self__ is m:
+                state[key] = types.MethodType(value.__func__, new)
         new.__dict__.update(state)
         return new
 
