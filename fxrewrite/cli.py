@@ -14,6 +14,7 @@ Errors fxrewrite knows about print one line to stderr and exit with status 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -148,8 +149,12 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`fxrewrite ... | head`) or stream: nothing to deliver to
+        except BrokenPipeError:  # the reader went away (`fxrewrite ... | head`): nothing to deliver to
             pass
+        except (OSError, ValueError) as exc:  # the output could not be written (disk full ...): say so
+            code = code or 120  # what Python itself returns when it cannot flush at exit
+            with contextlib.suppress(OSError, ValueError):
+                os.write(2, f"fxrewrite: error: cannot write its output: {exc}\n".encode())
     os._exit(code)
 
 

@@ -8,8 +8,10 @@ of a conversion's time, yet only the outputs' shapes are kept. Inside
 device torch would give, after the checks torch makes (channels, groups, bias, dtypes,
 devices, an output size of at least 1). Anything it does not recognise as plain (a
 subclass or quantized tensor, unbatched or non-contiguous input, a channels-last weight,
-``padding="same"`` with a stride, gradients wanted, a check that fails) runs the real
-convolution, so every error is torch's own.
+``padding="same"`` with a stride, gradients wanted, autocast, a check that fails) runs the
+real convolution, so every error is torch's own. Later operations see zeros, not the model's
+values: an operation whose output *shape* depends on values (``nonzero``, boolean masks)
+records another shape than a computed propagation would.
 
 >>> import torch
 >>> conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
@@ -77,6 +79,8 @@ def convolution_output_shape(dims: int, *args: Any, **kwargs: Any) -> tuple[int,
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None  # the output would carry a graph: compute it
+    if _autocast(x.device.type):
+        return None  # autocast would change the output's dtype
     if x.dim() != dims + 2 or w.dim() != dims + 2 or not x.is_contiguous() or not w.is_contiguous():
         return None  # unbatched input, or a memory format the real kernel might keep
     groups = bound.get("groups", 1)
@@ -105,6 +109,13 @@ def convolution_output_shape(dims: int, *args: Any, **kwargs: Any) -> tuple[int,
     out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
                 for n, p, d, k, s in zip(size, padding, dilation, kernel, stride))
     return (batch, out_channels, *out) if min(out) >= 1 else None
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _ints(value: Any, dims: int) -> tuple[int, ...] | None:

@@ -250,7 +250,8 @@ def _validate(ctx: RewriteContext, bound: BoundRule, original: fx.GraphModule, e
     probe = _build(ctx, original)
     try:
         # Only what the rule changed, and what is downstream of it, is run again.
-        propagate_shapes(probe, *example, known=_unchanged_values(ctx))
+        propagate_shapes(probe, *example, known=_unchanged_values(ctx),
+                         shapes_only=bool(original.meta.get(SHAPES_ONLY_META, False)))
         ctx.values = probe.meta.get(VALUES_META) or {}
     except Exception as exc:
         message = str(exc).strip().splitlines()

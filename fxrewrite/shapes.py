@@ -126,7 +126,7 @@ def _mutable(value: Any) -> Any:
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, Any] | None = None,
-                     shapes_only: bool | None = None) -> Any:
+                     shapes_only: bool = False) -> Any:
     """Run ``gm`` on ``example_inputs`` and store ``tensor_meta`` on every node; return the output.
 
     A node that fails raises :class:`ShapePropagationError` naming it. ``known``
@@ -134,9 +134,11 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
     all nodes are kept in ``gm.meta`` when they are small (see ``VALUES_META``).
 
     With ``shapes_only``, convolutions are not computed
-    (:func:`fxrewrite.conv_shapes.convolutions_by_shape`): every shape and dtype is
-    the same, the values (and the returned output) are not the model's. ``None``:
-    as the last propagation of ``gm`` did (a rewrite's probe inherits it), else False.
+    (:func:`fxrewrite.conv_shapes.convolutions_by_shape`): their outputs are zeros of the
+    right shape, so the values (and the returned output) are not the model's, and neither
+    are the shapes of operations whose output shape depends on values (``nonzero``,
+    masking); for the layers of a CNN every shape and dtype is the same. Whether it was
+    used is recorded in ``gm.meta`` (a rewrite re-checks the same way).
 
     Running the graph leaves the modules' buffers as they were: a BatchNorm in
     training mode would otherwise update its running statistics, and the modules
@@ -145,8 +147,6 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
     env = {n: known[n.name] for n in gm.graph.nodes if known and n.name in known and n.op != "output"}
     saved = [(b, b.clone()) for b in _buffers_reached(gm, env)]
     prop = _ShapeProp(gm)
-    if shapes_only is None:
-        shapes_only = bool(gm.meta.get(SHAPES_ONLY_META, False))
     threads = torch.get_num_threads()
     try:
         # One intra-op thread: the example inputs are small, so hundreds of tiny kernels would spend
@@ -170,25 +170,31 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any, known: dict[str, 
 
 def _buffers_reached(gm: fx.GraphModule, env: dict[fx.Node, Any]) -> list[torch.Tensor]:
     """Every buffer the nodes that will run (those not in ``env``) can change: the buffers of the
-    modules they call and those they read as attributes (a graph reaches a buffer no other way).
-    When most nodes are known (a rewrite re-checking what it changed), that is a few modules'."""
+    modules they call, and every buffer the graph reads as an attribute (known or not: a known
+    attribute's value *is* the buffer, which a node that runs may change in place). When most
+    nodes are known (a rewrite re-checking what it changed), that is a few modules'. (A known
+    value that is a view of a buffer made inside a module is not followed.)"""
     if not env:
         return list({id(b): b for b in gm.buffers()}.values())
     found: dict[int, torch.Tensor] = {}
     for node in gm.graph.nodes:
-        if node in env or node.op not in ("call_module", "get_attr"):
-            continue
-        target = gm.get_submodule(node.target) if node.op == "call_module" else _attribute(gm, node.target)
-        if isinstance(target, torch.nn.Module):
-            found.update((id(b), b) for b in target.buffers())
-        elif isinstance(target, torch.Tensor) and not isinstance(target, torch.nn.Parameter):
-            found[id(target)] = target
+        if node.op == "get_attr" or (node.op == "call_module" and node not in env):
+            target = _lookup(gm, node.target)
+            if isinstance(target, torch.nn.Module):
+                found.update((id(b), b) for b in target.buffers())
+            elif isinstance(target, torch.Tensor) and not isinstance(target, torch.nn.Parameter):
+                found[id(target)] = target
     return list(found.values())
 
 
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+def _lookup(gm: fx.GraphModule, target: str) -> Any:
+    """The module or attribute at ``target``, or None (running the node then says what is wrong)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple | None:

@@ -205,8 +205,9 @@ def trace(
     With ``example_inputs``, shapes are propagated and every node gets
     ``node.meta["tensor_meta"]`` (shape, dtype); the inputs are kept in
     ``gm.meta`` so that later rewrites can re-check shapes. With ``shapes_only``
-    convolutions are not computed while doing so (same shapes, much less
-    arithmetic: see :mod:`fxrewrite.conv_shapes`); rewrites then re-check the same way.
+    convolutions are not computed while doing so (much less arithmetic; the values are
+    zeros, so only shapes that do not depend on values are right: see
+    :mod:`fxrewrite.conv_shapes`); rewrites then re-check the same way.
 
     The module is traced in its current mode (``train()``/``eval()``); it is not modified: fx
     stores tensors computed at trace time as attributes of the root it traces, so it traces a

@@ -84,10 +84,13 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 
 def _program(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """The installed ``fxrewrite`` program (its console script), as users run it."""
+    """The installed ``fxrewrite`` program (its console script), as users run it: with its standard
+    output buffered (PYTHONUNBUFFERED removed), so that output lost at exit would show."""
     script = shutil.which("fxrewrite", path=os.path.dirname(sys.executable))
     assert script, "the fxrewrite console script is not installed next to this Python (pip install -e .)"
-    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300, **kwargs)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    kwargs.setdefault("capture_output", "stdout" not in kwargs)
+    return subprocess.run([script, *args], text=True, timeout=300, env=env, **kwargs)
 
 
 def test_the_program_ends_with_mains_status_and_all_its_output(tmp_path):
@@ -108,3 +111,22 @@ def test_the_program_ends_with_mains_status_and_all_its_output(tmp_path):
     assert done.returncode == 2 and "invalid choice: 'no-such-command'" in done.stderr
     done = _program()
     assert done.returncode == 2 and done.stdout.startswith("usage: fxrewrite")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_the_program_fails_when_its_output_cannot_be_written():
+    with open("/dev/full", "w") as full:
+        done = _program("rules", stdout=full, stderr=subprocess.PIPE)
+    assert done.returncode == 120
+    assert done.stderr == "fxrewrite: error: cannot write its output: [Errno 28] No space left on device\n"
+
+
+def test_a_reader_that_went_away_is_not_an_error():
+    # `fxrewrite rules | head -c 1`, with head already gone: writing the buffered output fails with EPIPE
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = _program("rules", stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -170,3 +170,54 @@ def test_a_rewrite_re_checks_shapes_the_way_the_trace_propagated_them():
     assert result.module.meta["fxrewrite.shapes_only"] is True
     assert _metas(result.module)  # shapes recorded on the rewritten graph
     torch.testing.assert_close(result.module(image()), model(image()), rtol=1e-4, atol=1e-5)
+
+
+def test_shapes_only_does_not_compute_the_convolutions():
+    model = build(IMAGE_MODELS["resnet"])
+    x = image()
+    computed = fxrewrite.trace(model, x)
+    by_shape = fxrewrite.trace(model, x, shapes_only=True)
+    first_conv = next(n for n in computed.graph.nodes
+                      if n.op == "call_module" and isinstance(computed.get_submodule(n.target), torch.nn.Conv2d))
+    values = {name: computed.meta["fxrewrite.example_values"][name] for name in [first_conv.name]}
+    assert values[first_conv.name].abs().sum() > 0
+    assert not by_shape.meta["fxrewrite.example_values"][first_conv.name].any()  # zeros: not computed
+    # the public function computes unless told otherwise, whatever the trace did
+    out = fxrewrite.propagate_shapes(by_shape, x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    assert by_shape.meta["fxrewrite.shapes_only"] is False
+
+
+def test_autocast_runs_the_real_convolution():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = F.conv2d(x, w)
+        with convolutions_by_shape():
+            y = F.conv2d(x, w)
+    assert y.dtype == real.dtype == torch.bfloat16
+    torch.testing.assert_close(y, real, rtol=0, atol=0)
+
+
+def test_value_dependent_shapes_are_the_documented_exception():
+    class Mask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.nonzero(self.conv(x) > 0)
+
+    torch.manual_seed(0)
+    model = Mask().eval()
+    x = torch.randn(1, 3, 8, 8)
+    computed = fxrewrite.trace(model, x)
+    by_shape = fxrewrite.trace(model, x, shapes_only=True)
+    shape = lambda gm: [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.name == "nonzero"][0]
+    assert shape(computed)[0] > 0 and tuple(shape(by_shape)) == (0, 4)
+
+
+def test_meta_tensors_are_sized_too():
+    x, w = torch.zeros(1, 3, 8, 8, device="meta"), torch.zeros(4, 3, 3, 3, device="meta")
+    with convolutions_by_shape():
+        y = F.conv2d(x, w, None, 2, 1)
+    assert y.device.type == "meta" and tuple(y.shape) == (1, 4, 4, 4)

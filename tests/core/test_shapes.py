@@ -115,3 +115,29 @@ def test_re_checking_leaves_the_buffers_of_what_runs_again_as_they_were():
     assert calls["2"] == 1  # it did run again
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _Counting(torch.nn.Module):
+    """conv -> (in its forward, traced through) add the mean of its output to a buffer, in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.act = torch.nn.SiLU()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        self.count.add_(y.mean())
+        return y
+
+
+def test_re_checking_leaves_a_buffer_changed_in_place_through_the_graph_as_it_was():
+    torch.manual_seed(0)
+    model = _Counting().eval()
+    gm = fxrewrite.trace(model, torch.randn(2, 3, 4, 4))
+    assert float(model.count) == 0.0
+    rule = Rule("relu", "replace", Pattern(module_class="SiLU"), args={"with": "nn.ReLU"})
+    result = fxrewrite.rewrite(gm, [rule])
+    assert result.node_status["act"] == "replaced"  # the add_ after it ran again, on the known buffer
+    assert float(model.count) == 0.0
