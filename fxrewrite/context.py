@@ -50,7 +50,7 @@ from .graph_copy import copy_graph
 from .pattern import Match
 from .provenance import derive, mark_changed
 from .shapes import shape_tree
-from .tensors import named_tensors
+from .tensors import attribute_at, named_tensors
 from .tracing import TRACE_META
 
 # Where a tensor of a rewritten module comes from: the original tensor it is (its name), the
@@ -95,7 +95,7 @@ class RewriteContext:
         constants = getattr(gm.meta.get(TRACE_META), "constants", None) or {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in self.modules:
-                value = _get_attr(gm, node.target)
+                value = attribute_at(gm, node.target)
                 self.modules[node.target] = value
                 if isinstance(value, nn.Module):
                     self._index(node.target, {name: name for name, _ in named_tensors(value, node.target)})
@@ -362,13 +362,6 @@ def reachable(start: fx.Node, *, users: bool) -> set[fx.Node]:
                 seen.add(other)
                 todo.append(other)
     return seen
-
-
-def _get_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 __all__ = ["RewriteContext", "Origin", "Source", "computed_origin", "reachable", "KEPT", "PRUNED", "COLLAPSED",

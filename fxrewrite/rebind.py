@@ -25,7 +25,7 @@ from __future__ import annotations
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import fx, nn
@@ -35,7 +35,7 @@ from .errors import RebindError
 from .gcpause import gc_paused
 from .naming import Rename, rename_path
 from .result import RewriteResult
-from .tensors import bind_tensor, named_tensors
+from .tensors import attribute_at, bind_tensor, named_tensors
 
 
 @dataclass
@@ -71,7 +71,7 @@ def rebind(result: RewriteResult, rename: Rename | None = None, *, copy: bool = 
                 raise RebindError(f"renaming {old} to {new} collides with another module renamed to {new}")
             targets[old] = new
             value = _fresh(result.module.get_submodule(old) if node.op == "call_module"
-                           else _get(result.module, old), copy)
+                           else attribute_at(result.module, old), copy)
             modules[new] = value
             if isinstance(value, nn.Module):
                 for name, _ in named_tensors(value):
@@ -193,13 +193,6 @@ def _clone(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad)
     return tensor.detach().clone()
-
-
-def _get(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _check_exact(param_map: Mapping[str, str | None], tensors: Mapping[str, torch.Tensor]) -> None:

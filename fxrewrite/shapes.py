@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 
 from .conv_shapes import convolutions_by_shape
 from .errors import FxRewriteError
+from .tensors import attribute_at
 
 EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
 # The value of every node from the last propagation, kept (when small) so that a rewrite can
@@ -179,22 +180,12 @@ def _buffers_reached(gm: fx.GraphModule, env: dict[fx.Node, Any]) -> list[torch.
     found: dict[int, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" or (node.op == "call_module" and node not in env):
-            target = _lookup(gm, node.target)
+            target = attribute_at(gm, node.target, None)  # a missing one: running it says so
             if isinstance(target, torch.nn.Module):
                 found.update((id(b), b) for b in target.buffers())
             elif isinstance(target, torch.Tensor) and not isinstance(target, torch.nn.Parameter):
                 found[id(target)] = target
     return list(found.values())
-
-
-def _lookup(gm: fx.GraphModule, target: str) -> Any:
-    """The module or attribute at ``target``, or None (running the node then says what is wrong)."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple | None:

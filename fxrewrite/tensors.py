@@ -1,7 +1,7 @@
 """Naming and binding of parameters and buffers inside module hierarchies."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +41,28 @@ def _named_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
         children = [(f"{name}.{key}" if name else key, child) for key, child in m._modules.items() if child is not None]
         stack.extend(reversed(children))
     return found
+
+
+_MISSING = object()
+
+
+def attribute_at(root: nn.Module, target: str, default: Any = _MISSING) -> Any:
+    """The object at dotted path ``target`` under ``root`` (a submodule, parameter, buffer or plain
+    attribute: what an fx node's ``target`` names); ``default`` where the path does not exist,
+    else ``AttributeError``.
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> attribute_at(m, "0.bias") is m[0].bias, attribute_at(m, "1.weight", None)
+    (True, None)
+    """
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(f"{type(root).__name__} has no attribute {target!r}")
+            return default
+    return obj
 
 
 def bind_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ import os
 import pickle
 import pickletools
 import struct
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from fxrewrite.yolov9.checkpoint import CheckpointError, load_checkpoint, save_c
 from fxrewrite.yolov9.catalogue import scoped
 from fxrewrite.yolov9.classes import official_aliases, register_block, unregister_block
 from fxrewrite.yolov9.model import DetectionModel
+from helpers.hostile import EvalPayload, PopenPayload, SystemPayload, Unknown
 
 from helpers.official import official, requires_official
 
@@ -289,34 +289,6 @@ def marker(tmp_path):
     return tmp_path / "PWNED"
 
 
-class _EvalPayload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return eval, (f"open({self.marker!r}, 'w').close()",)
-
-
-class _PopenPayload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return subprocess.Popen, (["touch", self.marker],)
-
-
-class _SystemPayload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class Evil:  # an ordinary class that is simply not on the allow-list
-    pass
-
-
 def refused(path, name):
     return (f"{path}: refused to load: the pickle references {name}, which is not allowed in a YOLOv9 "
             "checkpoint; nothing from the file was executed")
@@ -324,7 +296,7 @@ def refused(path, name):
 
 def test_payload_is_live_under_plain_pickle(tmp_path, marker):
     # Sanity check of the test itself: the payload really runs when unpickled unsafely.
-    pickle.loads(pickle.dumps(_EvalPayload(marker)))
+    pickle.loads(pickle.dumps(EvalPayload(marker)))
     assert marker.exists()
 
 
@@ -339,8 +311,8 @@ def test_refuses_handcrafted_os_system(tmp_path, marker):
 
 @pytest.mark.parametrize(
     "payload, name",
-    [(_EvalPayload, "builtins.eval"), (_PopenPayload, "subprocess.Popen"),
-     (_SystemPayload, f"{os.system.__module__}.system")],
+    [(EvalPayload, "builtins.eval"), (PopenPayload, "subprocess.Popen"),
+     (SystemPayload, f"{os.system.__module__}.system")],
 )
 def test_refuses_reduce_payloads(tmp_path, marker, payload, name):
     path = tmp_path / "evil.pt"
@@ -353,7 +325,7 @@ def test_refuses_reduce_payloads(tmp_path, marker, payload, name):
 
 def test_refuses_payload_hidden_beside_a_real_model(tiny, tmp_path, marker):
     path = tmp_path / "evil.pt"
-    torch.save({"model": nn.Conv2d(1, 1, 1), "date": _SystemPayload(marker)}, path)
+    torch.save({"model": nn.Conv2d(1, 1, 1), "date": SystemPayload(marker)}, path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert str(err.value) == refused(path, f"{os.system.__module__}.system")
@@ -362,14 +334,14 @@ def test_refuses_payload_hidden_beside_a_real_model(tiny, tmp_path, marker):
 
 def test_refuses_unknown_class(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"model": None, "x": Evil()}, path)
+    torch.save({"model": None, "x": Unknown()}, path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
-    assert str(err.value) == refused(path, f"{Evil.__module__}.Evil")
+    assert str(err.value) == refused(path, f"{Unknown.__module__}.Unknown")
 
 
 def test_refuses_stack_global_payload(tmp_path, marker):
-    payload = pickle.dumps(_EvalPayload(marker), protocol=4)  # STACK_GLOBAL instead of GLOBAL
+    payload = pickle.dumps(EvalPayload(marker), protocol=4)  # STACK_GLOBAL instead of GLOBAL
     path = torch_zip_with_pickle(tmp_path / "evil.pt", payload)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
@@ -377,8 +349,8 @@ def test_refuses_stack_global_payload(tmp_path, marker):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload, name", [(_SystemPayload, f"{os.system.__module__}.system"),
-                                           (_EvalPayload, "builtins.eval"), (Evil, None)])
+@pytest.mark.parametrize("payload, name", [(SystemPayload, f"{os.system.__module__}.system"),
+                                           (EvalPayload, "builtins.eval"), (Unknown, None)])
 def test_the_unpicklers_allow_list_alone_also_refuses(tmp_path, marker, monkeypatch, payload, name):
     # Defence in depth: with the explanation (a scan of the pickle's globals) disabled, the
     # restricted unpickler itself refuses the first global it is asked for, with the same message.
@@ -387,14 +359,14 @@ def test_the_unpicklers_allow_list_alone_also_refuses(tmp_path, marker, monkeypa
     torch.save({"model": None, "x": payload(marker) if name else payload()}, path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
-    assert str(err.value) == refused(path, name or f"{Evil.__module__}.Evil")
+    assert str(err.value) == refused(path, name or f"{Unknown.__module__}.Unknown")
     assert not marker.exists()
 
 
 def test_saver_refuses_globals_the_loader_would_refuse(tiny, tmp_path, marker):
     path = tmp_path / "a.pt"
     with pytest.raises(CheckpointError) as err:
-        save_checkpoint(tiny, path, git=_SystemPayload(marker))
+        save_checkpoint(tiny, path, git=SystemPayload(marker))
     assert str(err.value) == (f"{path}: cannot save: the checkpoint would reference "
                               f"{os.system.__module__}.system, which load_checkpoint does not allow; "
                               "nothing was written")
