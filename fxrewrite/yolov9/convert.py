@@ -258,6 +258,8 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
     The model's train/eval mode is restored afterwards. At op granularity the
     result is for looking at (drawings); :func:`convert` needs layer granularity.
     """
+    from .model import runs_layer_loop
+
     _layers(model)
     rules = rules if rules is not None else default_rules()
     modes = set_eval(model)
@@ -269,7 +271,7 @@ def trace_and_rewrite(model: nn.Module, rules: RuleSet | None = None, *, ops: bo
         # Only shapes are kept (verification runs the models itself): convolutions are not computed,
         # which was two thirds of a conversion (fp16 arithmetic on a CPU).
         gm = fx_trace(model, example, max_depth=None if ops else 2, concrete_args=fixed_flags(model),
-                      shapes_only=True)
+                      shapes_only=True, sealed_leaves=runs_layer_loop(model))
         return rewrite(gm, rules)
     finally:
         restore_modes(model, modes)

@@ -303,3 +303,15 @@ def model_class_for(head: type | str | None) -> type[DetectionModel]:
     else:
         role = catalogue.role_of(head) if isinstance(head, type) else None
     return SegmentationModel if role == "segment" else DetectionModel
+
+
+def runs_layer_loop(model: nn.Module) -> bool:
+    """Whether ``model`` computes with fxrewrite's own layer loop (:meth:`BaseModel._forward_once`
+    reached through fxrewrite's ``forward``): it reads each layer's ``f`` and ``i`` and calls the
+    layer, never looking inside it, so a layer-level trace may seal the layers
+    (``fxrewrite.trace(..., sealed_leaves=True)``). A fork's or the official code's class, or a
+    ``forward`` replaced on the object, is traced in full."""
+    cls = type(model)
+    return (cls.forward in (BaseModel.forward, DetectionModel.forward)
+            and cls._forward_once is BaseModel._forward_once
+            and not {"forward", "_forward_once"} & vars(model).keys())

@@ -250,3 +250,117 @@ def test_no_example_inputs_no_shapes():
     gm = fxrewrite.trace(TwoBranch())
     assert all(fxrewrite.shape_of(n) is None for n in gm.graph.nodes)
     assert "fxrewrite.example_inputs" not in gm.meta
+
+
+# -- sealed leaves -------------------------------------------------------------------
+class _Layer(nn.Module):
+    def __init__(self, c_in: int, c_out: int, reads: int = -1):
+        super().__init__()
+        self.f = reads
+        self.conv, self.bn, self.act = nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Concat(nn.Module):
+    def __init__(self, reads):
+        super().__init__()
+        self.f = reads
+
+    def forward(self, xs):
+        return torch.cat(xs, 1)
+
+
+class LayerLoop(nn.Module):
+    """A YOLO-style layer table: the loop reads each layer's ``f`` and calls it, never looking inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.5))
+        self.layers = nn.Sequential(_Layer(3, 4), _Layer(4, 4), _Layer(4, 6, reads=0), _Concat([1, 2]), _Layer(10, 2))
+
+    def forward(self, x):
+        outputs = []
+        for layer in self.layers:
+            if layer.f != -1:
+                x = outputs[layer.f] if isinstance(layer.f, int) else [outputs[j] for j in layer.f]
+            x = layer(x)
+            outputs.append(x)
+        return x * self.scale
+
+
+class ReachesInside(LayerLoop):
+    def forward(self, x):
+        return super().forward(x) + self.layers[0].conv.bias.sum()  # a sealed leaf's submodule
+
+
+def _trace_recording_module_paths(monkeypatch, *args, **kwargs):
+    seen = []
+    real = fxrewrite.tracing.ProvenanceTracer.trace
+
+    def trace(self, root, *a, **k):
+        seen.append(sorted(name for name, _ in root.named_modules()))  # what fx walks
+        return real(self, root, *a, **k)
+    monkeypatch.setattr(fxrewrite.tracing.ProvenanceTracer, "trace", trace)
+    return fxrewrite.trace(*args, **kwargs), seen
+
+
+def _same_graphs(a: fx.GraphModule, b: fx.GraphModule) -> None:
+    assert str(a.graph) == str(b.graph)
+    for x, y in zip(a.graph.nodes, b.graph.nodes):
+        assert (x.meta.keys(), x.meta.get("provenance"), x.meta.get("nn_module_stack")) == \
+               (y.meta.keys(), y.meta.get("provenance"), y.meta.get("nn_module_stack"))
+        assert str(x.meta.get("tensor_meta")) == str(y.meta.get("tensor_meta"))
+    for node in a.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            assert a.get_submodule(node.target) is b.get_submodule(node.target) if node.op == "call_module" \
+                else fxrewrite.tensors.attribute_at(a, node.target) is fxrewrite.tensors.attribute_at(b, node.target)
+
+
+def test_sealed_leaves_give_fx_only_the_modules_down_to_the_depth_limit_and_the_same_graph(monkeypatch):
+    model = seeded(LayerLoop()).eval()
+    x = example(1, 3, 8, 8)
+    full = fxrewrite.trace(model, x, max_depth=2)
+    sealed, seen = _trace_recording_module_paths(monkeypatch, model, x, max_depth=2, sealed_leaves=True)
+    assert seen == [["", "layers", "layers.0", "layers.1", "layers.2", "layers.3", "layers.4"]]  # not layers.0.conv ...
+    _same_graphs(full, sealed)
+    assert [n.target for n in sealed.graph.nodes if n.op == "call_module"] == [f"layers.{i}" for i in range(5)]
+    assert all(sealed.get_submodule(f"layers.{i}") is model.layers[i] for i in range(5))  # the user's modules
+    assert sealed.get_submodule("layers.0.conv") is model.layers[0].conv
+    assert torch.equal(sealed(x), model(x))
+    assert [name for name, _ in model.named_modules()][:3] == ["", "layers", "layers.0"]
+    assert len(list(model.layers[0].children())) == 3  # the user's model is not modified
+
+
+def test_sealed_leaves_without_a_depth_limit_change_nothing(monkeypatch):
+    model = seeded(LayerLoop()).eval()
+    traced, seen = _trace_recording_module_paths(monkeypatch, model, sealed_leaves=True)
+    assert "layers.0.conv" in seen[0]
+    _same_graphs(fxrewrite.trace(model), traced)
+
+
+def test_code_that_reaches_inside_a_sealed_leaf_is_traced_in_full(monkeypatch):
+    model = seeded(ReachesInside()).eval()
+    x = example(1, 3, 8, 8)
+    traced, seen = _trace_recording_module_paths(monkeypatch, model, x, max_depth=2, sealed_leaves=True)
+    assert len(seen) == 2 and "layers.0.conv" not in seen[0] and "layers.0.conv" in seen[1]  # sealed, then full
+    _same_graphs(fxrewrite.trace(model, x, max_depth=2), traced)
+    assert torch.equal(traced(x), model(x))
+
+
+def test_a_module_also_reachable_above_the_depth_limit_is_not_sealed(monkeypatch):
+    class Shared(LayerLoop):
+        def __init__(self):
+            super().__init__()
+            self.first = self.layers[0]  # depth 1 as well as 2: traced through where it is called as `first`
+
+        def forward(self, x):
+            return super().forward(x) + self.first.conv(x).mean()
+
+    model = seeded(Shared()).eval()
+    x = example(1, 3, 8, 8)
+    sealed, seen = _trace_recording_module_paths(monkeypatch, model, x, max_depth=2, sealed_leaves=True)
+    assert len(seen) == 1 and "layers.0.conv" in seen[0] and "layers.1.conv" not in seen[0]  # no second attempt
+    _same_graphs(fxrewrite.trace(model, x, max_depth=2), sealed)
+    assert torch.equal(sealed(x), model(x))

@@ -344,3 +344,51 @@ def test_safetensors_output(tmp_path):
 
     tensors = load_file(str(tmp_path / "g.safetensors"))
     assert set(tensors) == set(conversion("yolov9-t").model.state_dict())
+
+
+@pytest.mark.parametrize("name", [f"yolov9-{v}" for v in VARIANTS] + ["yolov9-c-dseg"])
+def test_layer_level_trace_with_sealed_layers_is_the_full_trace(name):
+    """The conversion traces fxrewrite's own models with the layers sealed (fx does not walk inside
+    them): same graph, provenance, module stacks and shapes as the full trace, over the same modules."""
+    import fxrewrite
+    from fxrewrite.yolov9.inputs import example_input, fixed_flags
+    from fxrewrite.yolov9.model import runs_layer_loop
+
+    model = training_model(name)
+    assert runs_layer_loop(model)
+    x = example_input(model, 64, dtype=torch.float32, device=torch.device("cpu"))
+    traced = {sealed: fxrewrite.trace(model, x, max_depth=2, concrete_args=fixed_flags(model), shapes_only=True,
+                                      sealed_leaves=sealed) for sealed in (False, True)}
+    full, sealed = traced[False], traced[True]
+    assert str(full.graph) == str(sealed.graph)
+    for a, b in zip(full.graph.nodes, sealed.graph.nodes):
+        assert a.meta.keys() == b.meta.keys() and a.meta["provenance"] == b.meta["provenance"]
+        assert a.meta.get("nn_module_stack") == b.meta.get("nn_module_stack")
+        assert str(a.meta.get("tensor_meta")) == str(b.meta.get("tensor_meta"))
+        if a.op == "call_module":
+            assert sealed.get_submodule(a.target) is model.get_submodule(a.target)
+
+
+def test_only_fxrewrites_own_layer_loop_is_traced_with_sealed_layers():
+    from fxrewrite.yolov9.model import BaseModel, runs_layer_loop
+
+    class OwnLoop(DetectionModel):
+        def _forward_once(self, x, profile=False, visualize=False):
+            return BaseModel._forward_once(self, x, profile, visualize)
+
+    model = training_model("yolov9-t")
+    replaced = copy.copy(model)
+    replaced.forward = lambda x: model(x)
+    subclassed = copy.copy(model)
+    subclassed.__class__ = OwnLoop
+    assert (runs_layer_loop(model), runs_layer_loop(replaced), runs_layer_loop(subclassed)) == (True, False, False)
+
+
+@pytest.mark.requires_official
+def test_official_code_models_are_traced_in_full():
+    from helpers.official import official
+
+    from fxrewrite.yolov9.model import runs_layer_loop
+
+    torch.manual_seed(10)
+    assert not runs_layer_loop(official().build("yolov9-t.yaml"))
