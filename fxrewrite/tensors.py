@@ -43,6 +43,25 @@ def _named_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
     return found
 
 
+def walk_modules(module: nn.Module) -> list[nn.Module]:
+    """Every module of the tree of ``module``, each before its children, in registration order (a
+    shared one once per place it is registered): ``module.modules()`` as a list, without going
+    through torch's generator layers (a detector has a thousand modules; a conversion walks them
+    a few times).
+
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.Sequential(torch.nn.ReLU()))
+    >>> [type(x).__name__ for x in walk_modules(m)] == [type(x).__name__ for x in m.modules()]
+    True
+    """
+    found: list[nn.Module] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        found.append(m)
+        stack.extend(reversed([child for child in m._modules.values() if child is not None]))
+    return found
+
+
 _MISSING = object()
 
 

@@ -217,8 +217,7 @@ def _convert(model: nn.Module, rules: RuleSet | None, example_size: int | None, 
     if classes is None:
         _check_config_describes(model, config, kept, converted, result)
         _copy_model_attributes(model, converted)
-    if any(m.training for m in converted.modules()):
-        converted.eval()
+    set_eval(converted)  # the new containers (and a layer a rule built in training mode)
     status = result.node_status
     index_of_name = {n.name: _layer_index_by_target(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     return Conversion(

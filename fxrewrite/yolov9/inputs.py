@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tensors import walk_modules
+
 __all__ = ["MAX_IMAGE_SIZE", "input_channels", "example_input", "example_size", "fixed_flags", "set_eval", "restore_modes"]
 
 #: Largest image side (``--imgsz``): a 4096 x 4096 image is already 200 MB in fp32, far beyond YOLO sizes.
@@ -60,10 +62,29 @@ def fixed_flags(model: nn.Module) -> dict[str, Any]:
 def set_eval(model: nn.Module) -> dict[nn.Module, bool]:
     """Put every module of ``model`` in eval mode; returns the modes :func:`restore_modes` puts back
     (only those in training mode: a loaded checkpoint is in eval mode already, nothing to do)."""
-    modes = {m: True for m in model.modules() if m.training}
+    modes = dict.fromkeys((m for m in walk_modules(model) if m.training), True)
     if modes:
-        model.eval()  # through train(False): a block may do more there than set its flag
+        _eval(model)
     return modes
+
+
+def _eval(model: nn.Module) -> None:
+    """``model.eval()`` without a call of torch's ``train`` per module (a thousand, in a detector): a
+    module whose class has its own ``train`` (or the model its own ``eval``) is switched through it,
+    and it decides for its submodules, as in ``model.eval()``; the others get the flag torch's
+    ``train`` would set."""
+    if type(model).eval is not nn.Module.eval:
+        model.eval()
+        return
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if type(m).train is not nn.Module.train:
+            m.train(False)  # a block may do more there than set its flag
+            continue
+        if m.training:
+            m.training = False
+        stack.extend(child for child in m._modules.values() if child is not None)
 
 
 def restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:

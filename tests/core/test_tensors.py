@@ -1,11 +1,11 @@
-"""``fxrewrite.tensors.named_tensors`` names exactly what torch's own walks name, in torch's order."""
+"""``fxrewrite.tensors.named_tensors`` and ``walk_modules`` find exactly what torch's own walks find, in torch's order."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from fxrewrite.tensors import named_tensors
+from fxrewrite.tensors import named_tensors, walk_modules
 from helpers.any_models import IMAGE_MODELS, build
 
 
@@ -45,3 +45,12 @@ def test_a_yolo_model():
 
     model = DetectionModel("yolov9-t")
     assert [(n, id(t)) for n, t in named_tensors(model)] == [(n, id(t)) for n, t in torchs_own(model)]
+
+
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_walk_modules_is_torchs_walk_counting_a_shared_module_at_each_place(make):
+    model = make()
+    assert [id(m) for m in walk_modules(model)] == [id(m) for _, m in model.named_modules(remove_duplicate=False)]
+    from fxrewrite.shapes import _buffers_of
+
+    assert [id(b) for b in _buffers_of(model)] == [id(b) for b in model.buffers()]
