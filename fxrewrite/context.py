@@ -39,6 +39,7 @@ place: it builds a new one (:mod:`fxrewrite.modules` helps) and calls :meth:`set
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 import torch
@@ -66,6 +67,17 @@ EDGE_KEPT, EDGE_DROPPED, EDGE_ADDED = "kept", "dropped", "added"
 # A tensor's source inside a module being replaced (``set_module``): the old local name it is, the
 # old local names it was computed from, or None (a new tensor).
 Source = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Construction:
+    """How a rule built a module: ``cls(**kwargs)`` (the ``replace`` action); ``module`` is the
+    module it built (a later rule may replace it again). A caller that would build the same
+    call again to compare with it (a config check) can compare the calls instead."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    module: nn.Module
 
 
 def computed_origin(origins: Iterable[Origin]) -> tuple[str, ...] | None:
@@ -115,6 +127,7 @@ class RewriteContext:
         self._free: dict[str, int] = {}  # prefix -> next number to try in add_module
         self.copies: dict[str, str] = {}  # call-site target -> the shared module's, made by the current rule
         self.split_from: set[str] = set()  # the shared modules the current rule split
+        self.constructions: dict[str, Construction] = {}  # node name -> how a rule built its module
 
     # -- reading --------------------------------------------------------------------------
     @property

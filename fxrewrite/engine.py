@@ -84,7 +84,10 @@ def rewrite(gm: fx.GraphModule, rules: RuleSet | list[Rule], *, check_shapes: bo
     if ctx.values:
         result_gm.meta[VALUES_META] = ctx.values
     param_map = ctx.param_map(name for name, _ in named_tensors(result_gm))
-    return RewriteResult(result_gm, gm, logs, param_map, _node_status(ctx, result_gm))
+    calls = {n.name: n.target for n in result_gm.graph.nodes if n.op == "call_module"}
+    constructions = {name: c for name, c in ctx.constructions.items()
+                     if name in calls and ctx.modules[calls[name]] is c.module}  # still that module
+    return RewriteResult(result_gm, gm, logs, param_map, _node_status(ctx, result_gm), constructions)
 
 
 def _build(ctx: RewriteContext, original: fx.GraphModule) -> fx.GraphModule:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .context import EDGE_ADDED, EDGE_DROPPED, EDGE_KEPT, STATUSES, Origin
+from .context import EDGE_ADDED, EDGE_DROPPED, EDGE_KEPT, STATUSES, Construction, Origin
 
 
 @dataclass
@@ -55,6 +55,8 @@ class RewriteResult:
     without a source.
     ``node_status`` says, for every node of ``original`` and every node a rule
     created, whether it was kept, pruned, collapsed, replaced, removed, or is new.
+    ``constructions`` says, for each node of ``module`` whose module a rule built from a
+    constructor call (``replace``), which call.
     """
 
     module: fx.GraphModule
@@ -62,6 +64,7 @@ class RewriteResult:
     log: list[RuleLog]
     param_map: dict[str, Origin]
     node_status: dict[str, str]
+    constructions: dict[str, Construction] = field(default_factory=dict)
 
     def nodes_with_status(self, status: str) -> list[str]:
         return [name for name, s in self.node_status.items() if s == status]

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..context import RewriteContext
+from ..context import Construction, RewriteContext
 from ..errors import RewriteError
 from ..pattern import Match, input_nodes
 from ..registry import BUILTINS, Param, Registry, register_action
@@ -154,6 +154,7 @@ def replace(ctx: RewriteContext, match: Match, *, node: fx.Node, inputs: Any = N
         new, sources = finish(construct(on_meta=False))
     ctx.set_args(node, _rebuild_args(node, kept, ctx))
     ctx.set_module(node, new, sources)
+    ctx.constructions[node.name] = Construction(cls, dict(ctor_args), new)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -505,7 +506,8 @@ def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node],
 
     Every layer's output channels (from shape propagation) must be what the config's channel
     bookkeeping gives, and each layer a rule replaced must hold exactly the tensors its config
-    line builds (that one layer is built on the ``meta`` device). Kept layers are the training
+    line builds (that one layer is built on the ``meta`` device, unless the rule built it with the
+    very constructor call its config line makes: see :func:`_makes_the_same_call`). Kept layers are the training
     model's own modules on their own config lines: a mismatch there means the training model's
     weights contradict its config, reported by :func:`check_against_config` naming the tensor.
     :meth:`Conversion.check_config` compares every tensor (``--verify``).
@@ -524,17 +526,37 @@ def _check_config_describes(model: nn.Module, config: dict, kept: list[fx.Node],
                                   f"({plan.name}) outputs {produced} channels, the config makes it "
                                   f"{plan.out_channels}")
         if result.node_status.get(node.name) == "replaced":
+            layer = converted.model[k]
+            if not type(layer).__module__.startswith("torch.nn.") \
+                    and _makes_the_same_call(plan, result.constructions.get(node.name)):
+                continue  # the rule built it with the call its config line makes: the same tensors
             with torch.device("meta"):
                 built = plan.instantiate()
             initialize_weights(built)  # the builder's settings: BatchNorm eps and momentum, in-place activations
-            _compare_tensors(converted.model[k], built, f"model.{k}.",
-                             "the derived config does not describe the converted model: ")
-            layer = converted.model[k]
+            _compare_tensors(layer, built, f"model.{k}.", "the derived config does not describe the converted model: ")
             if type(layer).__module__.startswith("torch.nn.") and layer.extra_repr() != built.extra_repr():
                 line = (list(config["backbone"]) + list(config["head"]))[k]
                 raise ConversionError(f"the derived config cannot describe the converted model: layer {k} is "
                                       f"{type(layer).__name__}({layer.extra_repr()}), but its config line "
                                       f"({line[2]}, args {line[3]}) builds {type(built).__name__}({built.extra_repr()})")
+
+
+def _makes_the_same_call(plan: Any, built: Any) -> bool:
+    """Whether the config line's ``plan`` builds its layer with exactly the constructor call a rule
+    built it with (``built``: a :class:`fxrewrite.context.Construction`), argument by argument
+    after defaults: then it holds the same tensors, and building it again to compare (a
+    detection head: a few milliseconds) can be skipped. Anything else (another class, other
+    values, a repeated block, arguments that do not bind or compare) says no."""
+    if built is None or built.cls is not plan.cls or (plan.stack and plan.repeats > 1):
+        return False
+    try:
+        signature = inspect.signature(plan.cls)
+        config_call, rule_call = signature.bind(*plan.args), signature.bind(**built.kwargs)
+        config_call.apply_defaults()
+        rule_call.apply_defaults()
+        return bool(config_call.arguments == rule_call.arguments)
+    except Exception:  # (a tensor argument compares element by element: not a yes)
+        return False
 
 
 def _output_channels(node: fx.Node) -> int | list[int] | None:

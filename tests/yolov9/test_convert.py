@@ -392,3 +392,39 @@ def test_official_code_models_are_traced_in_full():
 
     torch.manual_seed(10)
     assert not runs_layer_loop(official().build("yolov9-t.yaml"))
+
+
+def test_the_config_check_compares_the_rules_call_instead_of_building_the_head_again(monkeypatch):
+    from fxrewrite.context import Construction
+    from fxrewrite.yolov9 import planner
+    from fxrewrite.yolov9.heads import DDetect
+
+    training, built = training_model("yolov9-c"), []
+    real = planner.LayerPlan.instantiate
+    monkeypatch.setattr(planner.LayerPlan, "instantiate", lambda plan: built.append(plan.name) or real(plan))
+    c = convert(training)
+    assert built == []
+    head = c.result.module.get_submodule("model.38")
+    assert c.result.constructions == {"model_38": Construction(DDetect, {"nc": 80, "ch": [256, 512, 512], "inplace": True},
+                                                               head)}
+
+
+def test_only_the_very_same_constructor_call_counts_as_the_config_lines():
+    from fxrewrite.context import Construction
+    from fxrewrite.yolov9.convert import _makes_the_same_call
+    from fxrewrite.yolov9.heads import DDetect, DualDDetect
+    from fxrewrite.yolov9.planner import LayerPlan
+
+    plan = LayerPlan(22, [15, 18, 21], 1, "DDetect", DDetect, "head", [80, [256, 512, 512]], None)
+    call = lambda cls=DDetect, **kwargs: Construction(cls, kwargs, None)  # noqa: E731
+    assert _makes_the_same_call(plan, call(nc=80, ch=[256, 512, 512]))
+    assert _makes_the_same_call(plan, call(nc=80, ch=[256, 512, 512], inplace=True))  # the default, given
+    assert not _makes_the_same_call(plan, call(nc=80, ch=[256, 512, 512], inplace=False))
+    assert not _makes_the_same_call(plan, call(nc=81, ch=[256, 512, 512]))
+    assert not _makes_the_same_call(plan, call(nc=80, ch=(256, 512, 512)))  # equal only as a tuple: built again
+    assert not _makes_the_same_call(plan, call(DualDDetect, nc=80, ch=[256, 512, 512]))
+    assert not _makes_the_same_call(plan, call(nc=80, ch=[256, 512, 512], anchors=3))  # does not bind
+    assert not _makes_the_same_call(plan, call(nc=torch.tensor([80, 80]), ch=[256, 512, 512]))  # no truth value
+    assert not _makes_the_same_call(plan, None)
+    repeated = LayerPlan(3, -1, 2, "DDetect", DDetect, "head", [80, [256, 512, 512]], None)
+    assert not _makes_the_same_call(repeated, call(nc=80, ch=[256, 512, 512]))

@@ -168,3 +168,18 @@ def test_settings_of_rebound_submodules_and_copied_attributes(scope):
     with pytest.raises(RewriteError, match="cannot copy attribute 'nope': Normed has none"):
         fxrewrite.rewrite(gm, [Rule("r", "replace", Pattern(module_class="Normed"),
                                     args={"with": "NormedHead", "copy_attrs": ["nope"]})])
+
+
+def test_the_result_says_with_which_call_each_remaining_replaced_module_was_built(net):
+    from fxrewrite.context import Construction
+
+    model, x, gm = net
+    result = replace(gm, **{"with": "Towers", "inputs": "2:", "init": {"n": "$kept_inputs.count"},
+                            "rename": {"cv.2": "cv.0", "cv.3": "cv.1"}})
+    assert result.constructions == {"head": Construction(Towers, {"n": 2}, result.module.get_submodule("head"))}
+    again = fxrewrite.rewrite(gm, [
+        Rule("r", "replace", Pattern(module_class="Towers", capture="head"), args={"with": "Towers", "init": {"n": 4}}),
+        Rule("again", "replace", Pattern(module_class="Towers", capture="head"),
+             args={"with": "Noted", "init": {"count": 4, "shapes": []}, "strict": False})])
+    assert again.constructions == {"head": Construction(Noted, {"count": 4, "shapes": []},
+                                                        again.module.get_submodule("head"))}  # the last call
