@@ -62,6 +62,17 @@ def walk_modules(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def parameter_count(module: nn.Module) -> int:
+    """``sum(p.numel() for p in module.parameters())`` (a parameter shared by several modules counts
+    once), in one :func:`walk_modules`.
+
+    >>> parameter_count(torch.nn.Conv2d(3, 8, 3))
+    224
+    """
+    unique = {id(p): p for m in walk_modules(module) for p in m._parameters.values() if p is not None}
+    return sum(p.numel() for p in unique.values())
+
+
 _MISSING = object()
 
 

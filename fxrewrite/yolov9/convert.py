@@ -51,7 +51,7 @@ from ..rebind import clone_module
 from ..rule_file import load_rules, shipped_rules_dir
 from ..rules import RuleSet
 from ..shapes import ShapePropagationError, shape_tree
-from ..tensors import named_tensors
+from ..tensors import named_tensors, parameter_count
 from ..verify import VerifyReport, verify
 from .config import ConfigError
 from .inputs import (example_input, example_size as default_example_size, fixed_flags, input_channels,
@@ -482,7 +482,7 @@ def _assemble(model: nn.Module, config: dict, kept: list[fx.Node],
         layer.i, layer.f = k, copy.deepcopy(entries[k][0])
         if not isinstance(getattr(layer, "type", None), str):  # a module a rule built has no label yet
             layer.type = f"{type(layer).__module__}.{type(layer).__qualname__}"
-        layer.np = sum(p.numel() for p in layer.parameters())
+        layer.np = parameter_count(layer)
         if result.node_status.get(node.name) == "replaced":
             # A rule built this layer; built from its config line it would have in-place activations
             # (the reference builder's setting; BatchNorm settings came from the replaced layer).

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..tensors import parameter_count
 from . import blocks, catalogue
 from .config import ConfigError
 
@@ -161,7 +162,7 @@ class LayerPlan:
             module = self.cls(*self.args)
         module.i, module.f = self.index, self.source
         module.type = f"{self.cls.__module__}.{self.cls.__qualname__}"
-        module.np = sum(p.numel() for p in module.parameters())
+        module.np = parameter_count(module)
         return module
 
 

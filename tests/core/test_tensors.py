@@ -54,3 +54,11 @@ def test_walk_modules_is_torchs_walk_counting_a_shared_module_at_each_place(make
     from fxrewrite.shapes import _buffers_of
 
     assert [id(b) for b in _buffers_of(model)] == [id(b) for b in model.buffers()]
+
+
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_parameter_count_is_torchs_counting_a_shared_parameter_once(make):
+    from fxrewrite.tensors import parameter_count
+
+    model = make()
+    assert parameter_count(model) == sum(p.numel() for p in model.parameters()) > 0
