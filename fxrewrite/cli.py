@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import gc
 import os
+import select
+import signal
 import sys
 from importlib import metadata
 from typing import NoReturn, Sequence
@@ -36,12 +38,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError as exc:
+        if not _reader_gone(sys.stdout):  # another pipe (a drawing's `dot` that died ...): an error
+            print(f"fxrewrite: error: {exc}", file=sys.stderr)
+            return 1
+        # The reader of the output went away (`fxrewrite rules | head -1`) before the command
+        # finished: end quietly with the status of a program SIGPIPE stopped, as other tools do
+        # (outputs are written all or nothing: none was). Whatever is still buffered goes nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (FxRewriteError, OSError, ValueError, LookupError) as exc:
         print(f"fxrewrite: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fxrewrite: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a file (a test's captured output) or closed
+        return False
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -29,7 +29,10 @@ HEADER = """\
 Every command, with its options, as `fxrewrite COMMAND --help` describes it. Core commands:
 `demo`, `rules`, `rewrite` (rule files on any torch model); the YOLOv9 plug-in adds `convert`, `draw` and `export`. Errors print one
 line, `fxrewrite: error: ...`, to stderr and exit with status 1 (2 for a usage error);
-nothing is left half-written. The rule language is documented in [rules.md](rules.md).
+nothing is left half-written. Output that cannot be written at the end (a full disk) is an error
+too (status 120); a reader that went away (`fxrewrite rules | head -1`) ends the command quietly,
+with status 141 if it had not finished (that of a program stopped by SIGPIPE), else its own.
+The rule language is documented in [rules.md](rules.md).
 """
 
 

@@ -83,12 +83,14 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
-def _program(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def _program(*args: str, unbuffered: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """The installed ``fxrewrite`` program (its console script), as users run it: with its standard
-    output buffered (PYTHONUNBUFFERED removed), so that output lost at exit would show."""
+    output buffered (PYTHONUNBUFFERED removed), so that output lost at exit would show; or unbuffered."""
     script = shutil.which("fxrewrite", path=os.path.dirname(sys.executable))
     assert script, "the fxrewrite console script is not installed next to this Python (pip install -e .)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     kwargs.setdefault("capture_output", "stdout" not in kwargs)
     return subprocess.run([script, *args], text=True, timeout=300, env=env, **kwargs)
 
@@ -130,3 +132,24 @@ def test_a_reader_that_went_away_is_not_an_error():
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_reader_that_goes_away_while_the_command_prints_ends_it_quietly_as_sigpipe_would():
+    # `fxrewrite rules | head -1` with unbuffered output: the first line written after head is gone fails
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = _program("rules", stdout=write_end, stderr=subprocess.PIPE, unbuffered=True)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_an_error(monkeypatch, capsys):
+    import fxrewrite.cli as cli
+
+    def dot_died(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "_rules", dot_died)
+    assert cli.main(["rules"]) == 1
+    assert capsys.readouterr().err == "fxrewrite: error: [Errno 32] Broken pipe\n"

@@ -405,8 +405,8 @@ def test_the_config_check_compares_the_rules_call_instead_of_building_the_head_a
     c = convert(training)
     assert built == []
     head = c.result.module.get_submodule("model.38")
-    assert c.result.constructions == {"model_38": Construction(DDetect, {"nc": 80, "ch": [256, 512, 512], "inplace": True},
-                                                               head)}
+    call = Construction(DDetect, {"nc": 80, "ch": [256, 512, 512], "inplace": True}, head)
+    assert c.result.constructions == {"model_38": call}
 
 
 def test_only_the_very_same_constructor_call_counts_as_the_config_lines():
