@@ -44,9 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         # The reader of the output went away (`fxrewrite rules | head -1`) before the command
         # finished: end quietly with the status of a program SIGPIPE stopped, as other tools do
-        # (outputs are written all or nothing: none was). Whatever is still buffered goes nowhere.
+        # (a file the command was writing is written whole or not at all). What is still buffered
+        # for the output goes to /dev/null (Python's advice), so that no later flush fails again.
         with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
         return 128 + signal.SIGPIPE
     except (FxRewriteError, OSError, ValueError, LookupError) as exc:
         print(f"fxrewrite: error: {exc}", file=sys.stderr)

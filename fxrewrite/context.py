@@ -39,7 +39,7 @@ place: it builds a new one (:mod:`fxrewrite.modules` helps) and calls :meth:`set
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 import torch
@@ -76,8 +76,8 @@ class Construction:
     call again to compare with it (a config check) can compare the calls instead."""
 
     cls: type
-    kwargs: dict[str, Any]
-    module: nn.Module
+    kwargs: dict[str, Any] = field(hash=False)  # (hashed by class: the values may not be hashable)
+    module: nn.Module = field(hash=False)
 
 
 def computed_origin(origins: Iterable[Origin]) -> tuple[str, ...] | None:

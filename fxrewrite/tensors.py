@@ -44,19 +44,22 @@ def _named_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]
 
 
 def walk_modules(module: nn.Module) -> list[nn.Module]:
-    """Every module of the tree of ``module``, each before its children, in registration order (a
-    shared one once per place it is registered): ``module.modules()`` as a list, without going
-    through torch's generator layers (a detector has a thousand modules; a conversion walks them
-    a few times).
+    """``list(module.modules())``: every module of the tree of ``module`` once (a shared one where
+    it is first reached), each before its children, in registration order; without going through
+    torch's generator layers (a detector has a thousand modules; a conversion walks them a few times).
 
     >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.Sequential(torch.nn.ReLU()))
     >>> [type(x).__name__ for x in walk_modules(m)] == [type(x).__name__ for x in m.modules()]
     True
     """
     found: list[nn.Module] = []
+    seen: set[int] = set()
     stack = [module]
     while stack:
         m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
         found.append(m)
         stack.extend(reversed([child for child in m._modules.values() if child is not None]))
     return found

@@ -210,13 +210,17 @@ def trace(
     zeros, so only shapes that do not depend on values are right: see
     :mod:`fxrewrite.conv_shapes`); rewrites then re-check the same way.
 
-    ``sealed_leaves`` (with ``max_depth``) is for code that never looks inside the modules
-    the depth limit makes leaves, such as a loop that reads each layer's own attributes and
-    calls it: fx is then given those modules without their submodules. (fx walks every module
-    of the root it traces, twice, for its bookkeeping: on a 960-module detector traced to 40
-    layers that was two thirds of the trace.) The graph is the same; code that does reach
-    inside a sealed leaf fails there, and the module is traced again in full. It is not a check:
-    code that only *asks* whether a leaf has a submodule (``hasattr``) gets another answer.
+    ``sealed_leaves`` (with ``max_depth`` of 1 or more) is a promise the caller makes: the traced
+    code calls the modules at the depth limit and reads their own attributes, but never looks at
+    their submodules. fx is then given those modules without their submodules: its bookkeeping
+    walks every module of the model it is given, twice (on a detector of ~1,000 modules traced
+    to 40 layers, two thirds of the trace). Reaching a sealed module's submodule by attribute
+    fails (or makes an automatic leaf), and the model is traced again in full; so does a model
+    in which a module, parameter or buffer below the limit is also registered above it (fx
+    would name it by another path). *Iterating*, counting or asking for a sealed module's
+    submodules (``for block in self.stage``, ``len``, ``hasattr``) is not detected: it would
+    see none. (The YOLOv9 plug-in seals only its own layer loop.) When the sealed attempt is
+    given up, the forward has run twice.
 
     The module is traced in its current mode (``train()``/``eval()``); it is not modified: fx
     stores tensors computed at trace time as attributes of the root it traces, so it traces a
@@ -227,12 +231,14 @@ def trace(
     """
     policy = LeafPolicy(tuple(leaf_classes), tuple(leaf_names), max_depth, torch_builtins)
     tracer, graph = ProvenanceTracer(policy, auto_leaf=auto_leaf), None
-    if sealed_leaves and max_depth is not None:
-        sealed = _sealed_copy(module, max_depth)
+    sealed = _sealed_copy(module, max_depth) if sealed_leaves and max_depth is not None and max_depth >= 1 else None
+    if sealed is not None:
         try:
             graph = tracer.trace(sealed, concrete_args=concrete_args)
         except Exception:  # it reached inside a sealed leaf (or fails anyway: the full trace says how)
-            tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
+            graph = None
+        if graph is None or tracer.auto_leaves:  # (a module traced through that reached inside one)
+            tracer, graph = ProvenanceTracer(policy, auto_leaf=auto_leaf), None
         else:
             sealed._modules = dict(module._modules)  # the GraphModule takes the real submodules
     if graph is None:
@@ -265,13 +271,16 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return root
 
 
-def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module:
+def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module | None:
     """Shallow copies (see :func:`_shallow_copy`) of ``module`` and of its submodules down to
     ``max_depth``, where each is sealed: it keeps its attributes, parameters and buffers but
     has no submodules. Breadth first, so that a module reachable at several depths is copied
-    once, at the shallowest, and sealed only if that is the depth limit."""
+    once, at the shallowest, and sealed only if that is the depth limit. None when something
+    registered below the seal (a module, parameter or buffer) is registered above it too: fx
+    names each by its first path, which sealing would hide."""
     root = _shallow_copy(module)
     copies = {id(module): root}
+    originals = [module]  # every module copied: what fx will see
     level = [(module, root)]
     for depth in range(1, max_depth + 1):
         below = []
@@ -280,13 +289,34 @@ def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module:
             for name, child in original._modules.items():
                 if child is not None and id(child) not in copies:
                     copies[id(child)] = _shallow_copy(child)
+                    originals.append(child)
                     below.append((child, copies[id(child)]))
                 children[name] = None if child is None else copies[id(child)]
             copy._modules = children
         level = below
     for _, copy in level:
         copy._modules = {}
-    return root
+    return None if _seen_below(originals, [original for original, _ in level]) else root
+
+
+def _seen_below(shown: list[nn.Module], sealed: list[nn.Module]) -> bool:
+    """Whether a module below the ``sealed`` ones, or a parameter or buffer of one, is one of the
+    ``shown`` modules or one of their own parameters or buffers (one walk, stopping at the first)."""
+    ids = {id(m) for m in shown}
+    ids.update(id(t) for m in shown for t in (*m._parameters.values(), *m._buffers.values()))
+    ids.discard(id(None))
+    stack = [child for m in sealed for child in m._modules.values() if child is not None]
+    visited: set[int] = set()
+    while stack:
+        m = stack.pop()
+        if id(m) in visited:
+            continue
+        if id(m) in ids or any(id(t) in ids for t in m._parameters.values()) \
+                or any(id(t) in ids for t in m._buffers.values()):
+            return True
+        visited.add(id(m))
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return False
 
 
 def _drop_concrete_guards(graph: fx.Graph) -> None:

@@ -60,34 +60,43 @@ def fixed_flags(model: nn.Module) -> dict[str, Any]:
 
 
 def set_eval(model: nn.Module) -> dict[nn.Module, bool]:
-    """Put every module of ``model`` in eval mode; returns the modes :func:`restore_modes` puts back
-    (only those in training mode: a loaded checkpoint is in eval mode already, nothing to do)."""
-    modes = dict.fromkeys((m for m in walk_modules(model) if m.training), True)
-    if modes:
-        _eval(model)
+    """Put every module of ``model`` in eval mode, as ``model.eval()`` does; returns the modes
+    :func:`restore_modes` puts back (every module's, when any was training; a loaded checkpoint
+    is in eval mode already: nothing to do, and an empty dict)."""
+    modules = walk_modules(model)
+    if not any(m.training for m in modules):
+        return {}
+    modes = {m: m.training for m in modules}
+    _eval(model)
     return modes
 
 
 def _eval(model: nn.Module) -> None:
-    """``model.eval()`` without a call of torch's ``train`` per module (a thousand, in a detector): a
-    module whose class has its own ``train`` (or the model its own ``eval``) is switched through it,
-    and it decides for its submodules, as in ``model.eval()``; the others get the flag torch's
-    ``train`` would set."""
-    if type(model).eval is not nn.Module.eval:
+    """``model.eval()`` without a call of torch's ``train`` per module (a thousand, in a detector):
+    modules are visited in the order ``train`` visits them; one whose ``train`` is its own (its
+    class's or set on it), or a model whose ``eval`` is, is switched through it, and decides for
+    its submodules, as in ``model.eval()``; the others get the flag torch's ``train`` would set."""
+    if _own(model, "eval", nn.Module.eval):
         model.eval()
         return
     stack = [model]
     while stack:
         m = stack.pop()
-        if type(m).train is not nn.Module.train:
+        if _own(m, "train", nn.Module.train):
             m.train(False)  # a block may do more there than set its flag
             continue
         if m.training:
             m.training = False
-        stack.extend(child for child in m._modules.values() if child is not None)
+        stack.extend(reversed(dict.fromkeys(c for c in m._modules.values() if c is not None)))  # as children()
+
+
+def _own(module: nn.Module, method: str, torchs: Any) -> bool:
+    return method in vars(module) or getattr(type(module), method) is not torchs
 
 
 def restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
-    """Undo :func:`set_eval` (the user's model is left as it was given)."""
+    """Undo :func:`set_eval` (the user's model is left as it was given: also a module a block's own
+    ``train`` switched the other way)."""
     for m, training in modes.items():
-        m.training = training
+        if m.training != training:
+            m.training = training

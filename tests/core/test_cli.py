@@ -1,10 +1,12 @@
 """The command line: ``fxrewrite demo`` and ``fxrewrite rules``."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -145,11 +147,25 @@ def test_a_reader_that_goes_away_while_the_command_prints_ends_it_quietly_as_sig
     assert (done.returncode, done.stderr) == (141, "")
 
 
-def test_a_broken_pipe_that_is_not_the_output_is_an_error(monkeypatch, capsys):
-    import fxrewrite.cli as cli
-
-    def dot_died(args):
-        raise BrokenPipeError(32, "Broken pipe")
-    monkeypatch.setattr(cli, "_rules", dot_died)
-    assert cli.main(["rules"]) == 1
-    assert capsys.readouterr().err == "fxrewrite: error: [Errno 32] Broken pipe\n"
+def test_a_broken_pipe_that_is_not_the_output_is_an_error():
+    # A command failing with EPIPE on another pipe (a drawing's `dot` that died) while its own output
+    # is a healthy pipe, a regular file, or a pipe nobody reads any more (then: quiet, 141)
+    program = ("import sys, fxrewrite.cli as cli\n"
+               "def dot_died(args):\n"
+               "    raise BrokenPipeError(32, 'Broken pipe')\n"
+               "cli._rules = dot_died\n"
+               "cli.run(['rules'])\n")
+    run = functools.partial(subprocess.run, [sys.executable, "-c", program], stderr=subprocess.PIPE, text=True,
+                            timeout=120)
+    healthy = run(stdout=subprocess.PIPE)
+    assert (healthy.returncode, healthy.stderr) == (1, "fxrewrite: error: [Errno 32] Broken pipe\n")
+    with tempfile.TemporaryFile("w") as file:
+        filed = run(stdout=file)
+    assert (filed.returncode, filed.stderr) == (1, "fxrewrite: error: [Errno 32] Broken pipe\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = run(stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (gone.returncode, gone.stderr) == (141, "")

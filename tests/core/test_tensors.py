@@ -48,9 +48,9 @@ def test_a_yolo_model():
 
 
 @pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
-def test_walk_modules_is_torchs_walk_counting_a_shared_module_at_each_place(make):
+def test_walk_modules_is_torchs_walk_counting_a_shared_module_once(make):
     model = make()
-    assert [id(m) for m in walk_modules(model)] == [id(m) for _, m in model.named_modules(remove_duplicate=False)]
+    assert [id(m) for m in walk_modules(model)] == [id(m) for m in model.modules()]
     from fxrewrite.shapes import _buffers_of
 
     assert [id(b) for b in _buffers_of(model)] == [id(b) for b in model.buffers()]
@@ -62,3 +62,15 @@ def test_parameter_count_is_torchs_counting_a_shared_parameter_once(make):
 
     model = make()
     assert parameter_count(model) == sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_walks_stay_linear_when_modules_are_shared_in_a_chain():
+    # each level holds the next twice: 2**20 paths, 21 modules (torch's own walks visit each once)
+    chain = nn.Linear(2, 2)
+    for _ in range(20):
+        chain = nn.Sequential(chain, chain)
+    from fxrewrite.shapes import _buffers_of
+    from fxrewrite.tensors import parameter_count
+
+    assert len(walk_modules(chain)) == len(list(chain.modules())) == 21
+    assert parameter_count(chain) == 6 and _buffers_of(chain) == []

@@ -364,3 +364,88 @@ def test_a_module_also_reachable_above_the_depth_limit_is_not_sealed(monkeypatch
     assert len(seen) == 1 and "layers.0.conv" in seen[0] and "layers.1.conv" not in seen[0]  # no second attempt
     _same_graphs(fxrewrite.trace(model, x, max_depth=2), sealed)
     assert torch.equal(sealed(x), model(x))
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, inner=None):
+        super().__init__()
+        self.inner = inner if inner is not None else _Inner()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Wrapper(), _Wrapper()
+
+    def forward(self, x):
+        return self.b(self.a(x)) * self.a.inner.conv.weight.mean()  # reads inside `a`
+
+
+class StageReachingIn(nn.Module):
+    """``stage`` (depth 1) is traced through and reads inside ``stage.a`` (depth 2, sealed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = _Stage()
+
+    def forward(self, x):
+        return self.stage(x)
+
+
+class RegisteredTwice(nn.Module):
+    """A block registered first inside a depth-2 layer and again at depth 1: fx names it by the first path."""
+
+    def __init__(self):
+        super().__init__()
+        shared = _Inner()
+        self.layers = nn.Sequential(_Wrapper(shared), _Wrapper())
+        self.extra = shared
+
+    def forward(self, x):
+        return self.layers(x) + self.extra(x)
+
+
+class TiedWeight(nn.Module):
+    """A weight of a module inside a layer, tied to a depth-1 module's and read by the root through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(_Wrapper(), _Wrapper())
+        self.tied = nn.Conv2d(3, 3, 1)
+        self.layers[0].inner.conv.weight = self.tied.weight
+
+    def forward(self, x):
+        return self.layers(x) * self.tied.weight.sum()
+
+
+@pytest.mark.parametrize("make", [StageReachingIn, RegisteredTwice, TiedWeight])
+def test_what_sealing_would_name_or_trace_differently_is_traced_in_full(monkeypatch, make):
+    model = seeded(make()).eval()
+    x = example(1, 3, 4, 4)
+    traced, seen = _trace_recording_module_paths(monkeypatch, model, x, max_depth=2, sealed_leaves=True)
+    full = fxrewrite.trace(model, x, max_depth=2)
+    _same_graphs(full, traced)
+    assert traced.meta["fxrewrite.trace"].auto_leaves == full.meta["fxrewrite.trace"].auto_leaves
+    assert "layers.0.inner.conv" in seen[-1] or "stage.a.inner.conv" in seen[-1]  # the last attempt was in full
+    assert torch.equal(traced(x), model(x))
+
+
+def test_sealed_leaves_need_a_depth_limit_of_one_or_more(monkeypatch):
+    model = seeded(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())).eval()
+    x = example(1, 3, 4, 4)
+    traced, seen = _trace_recording_module_paths(monkeypatch, model, x, max_depth=0, sealed_leaves=True)
+    assert seen == [["", "0", "1"]]
+    _same_graphs(fxrewrite.trace(model, x, max_depth=0), traced)
+    assert torch.equal(traced(x), model(x))

@@ -68,3 +68,40 @@ def test_a_model_with_its_own_eval_is_switched_through_it():
     OwnEval.evals = 0
     modes = set_eval(model)
     assert OwnEval.evals == 1 and not any(flags(model)) and len(modes) == 3
+
+
+def test_modules_are_switched_in_the_order_model_eval_switches_them():
+    # `probe` is shared: KeepsProbeTraining (first) switches it on, then eval reaches it as a child itself
+    class KeepsItsProbe(nn.Module):
+        def __init__(self, probe):
+            super().__init__()
+            self.probe = probe
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.probe.train(True)
+            return self
+
+    probe = nn.BatchNorm2d(2)
+    model = nn.Sequential(KeepsItsProbe(probe), probe).train()
+    reference = copy.deepcopy(model).eval()
+    set_eval(model)
+    assert flags(model) == flags(reference) == [False, False, False]
+
+
+def test_a_train_set_on_the_module_itself_is_used_too():
+    probe = nn.BatchNorm2d(2)
+    inner = nn.Sequential(probe)
+    inner.train = lambda mode=True: (nn.Module.train(inner, mode), probe.train(True))[0]
+    model = nn.Sequential(inner).train()
+    set_eval(model)
+    assert (model.training, inner.training, probe.training) == (False, False, True)  # as model.eval() leaves them
+
+
+def test_restore_modes_also_undoes_what_a_blocks_own_train_switched_on():
+    model = nn.Sequential(KeepsProbeTraining()).train()
+    probe = model[0].probe
+    probe.eval()  # the user froze it
+    before = flags(model)
+    restore_modes(model, set_eval(model))
+    assert flags(model) == before and not probe.training

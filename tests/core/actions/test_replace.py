@@ -183,3 +183,21 @@ def test_the_result_says_with_which_call_each_remaining_replaced_module_was_buil
              args={"with": "Noted", "init": {"count": 4, "shapes": []}, "strict": False})])
     assert again.constructions == {"head": Construction(Noted, {"count": 4, "shapes": []},
                                                         again.module.get_submodule("head"))}  # the last call
+
+
+def test_a_module_set_again_by_a_later_action_has_no_construction(net):
+    from fxrewrite import register_action
+    from fxrewrite.rebind import clone_module
+    from fxrewrite.tensors import named_tensors
+
+    @register_action("test_set_again")
+    def set_again(ctx, match):
+        module = ctx.module(match.root)
+        ctx.set_module(match.root, clone_module(module), {name: name for name, _ in named_tensors(module)})
+
+    model, x, gm = net
+    result = fxrewrite.rewrite(gm, [
+        Rule("r", "replace", Pattern(module_class="Towers", capture="head"), args={"with": "Towers", "init": {"n": 4}}),
+        Rule("again", "test_set_again", Pattern(module_class="Towers", capture="head"))])
+    assert result.node_status["head"] == "replaced" and result.constructions == {}
+    assert torch.equal(result.module(x), model(x))
