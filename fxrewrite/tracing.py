@@ -301,22 +301,21 @@ def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module | None:
 
 def _seen_below(shown: list[nn.Module], sealed: list[nn.Module]) -> bool:
     """Whether a module below the ``sealed`` ones, or a parameter or buffer of one, is one of the
-    ``shown`` modules or one of their own parameters or buffers (one walk, stopping at the first)."""
-    ids = {id(m) for m in shown}
-    ids.update(id(t) for m in shown for t in (*m._parameters.values(), *m._buffers.values()))
-    ids.discard(id(None))
+    ``shown`` modules or one of their own parameters or buffers."""
+    modules: set[int] = set()
+    tensors: set[int] = set()
     stack = [child for m in sealed for child in m._modules.values() if child is not None]
-    visited: set[int] = set()
     while stack:
         m = stack.pop()
-        if id(m) in visited:
-            continue
-        if id(m) in ids or any(id(t) in ids for t in m._parameters.values()) \
-                or any(id(t) in ids for t in m._buffers.values()):
-            return True
-        visited.add(id(m))
-        stack.extend(child for child in m._modules.values() if child is not None)
-    return False
+        if id(m) not in modules:
+            modules.add(id(m))
+            tensors.update(map(id, m._parameters.values()))
+            tensors.update(map(id, m._buffers.values()))
+            stack.extend(child for child in m._modules.values() if child is not None)
+    tensors.discard(id(None))
+    if not modules.isdisjoint(map(id, shown)):
+        return True
+    return any(not tensors.isdisjoint(map(id, (*m._parameters.values(), *m._buffers.values()))) for m in shown)
 
 
 def _drop_concrete_guards(graph: fx.Graph) -> None:
