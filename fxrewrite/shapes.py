@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 
 from .conv_shapes import convolutions_by_shape
 from .errors import FxRewriteError
-from .tensors import attribute_at, walk_modules
+from .tensors import attribute_at, buffers_of
 
 EXAMPLE_INPUTS_META = "fxrewrite.example_inputs"
 # The value of every node from the last propagation, kept (when small) so that a rewrite can
@@ -176,21 +176,16 @@ def _buffers_reached(gm: fx.GraphModule, env: dict[fx.Node, Any]) -> list[torch.
     nodes are known (a rewrite re-checking what it changed), that is a few modules'. (A known
     value that is a view of a buffer made inside a module is not followed.)"""
     if not env:
-        return _buffers_of(gm)
+        return buffers_of(gm)
     found: dict[int, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" or (node.op == "call_module" and node not in env):
             target = attribute_at(gm, node.target, None)  # a missing one: running it says so
             if isinstance(target, torch.nn.Module):
-                found.update((id(b), b) for b in _buffers_of(target))
+                found.update((id(b), b) for b in buffers_of(target))
             elif isinstance(target, torch.Tensor) and not isinstance(target, torch.nn.Parameter):
                 found[id(target)] = target
     return list(found.values())
-
-
-def _buffers_of(module: torch.nn.Module) -> list[torch.Tensor]:
-    """``list(module.buffers())``, in one walk of the modules' own registries."""
-    return list({id(b): b for m in walk_modules(module) for b in m._buffers.values() if b is not None}.values())
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple | None:

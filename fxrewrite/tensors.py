@@ -76,6 +76,11 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in unique.values())
 
 
+def buffers_of(module: nn.Module) -> list[torch.Tensor]:
+    """``list(module.buffers())`` (a buffer shared by several modules once), in one :func:`walk_modules`."""
+    return list({id(b): b for m in walk_modules(module) for b in m._buffers.values() if b is not None}.values())
+
+
 _MISSING = object()
 
 

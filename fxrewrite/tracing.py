@@ -42,6 +42,7 @@ from .gcpause import gc_paused
 from .naming import class_matches, glob_matches
 from .provenance import META_KEY, Provenance
 from .shapes import propagate_shapes
+from .tensors import walk_modules
 
 TRACE_META = "fxrewrite.trace"
 
@@ -230,19 +231,13 @@ def trace(
     (``gm.meta["fxrewrite.trace"].constants``: its name -> the buffers read before it).
     """
     policy = LeafPolicy(tuple(leaf_classes), tuple(leaf_names), max_depth, torch_builtins)
-    tracer, graph = ProvenanceTracer(policy, auto_leaf=auto_leaf), None
-    sealed = _sealed_copy(module, max_depth) if sealed_leaves and max_depth is not None and max_depth >= 1 else None
-    if sealed is not None:
-        try:
-            graph = tracer.trace(sealed, concrete_args=concrete_args)
-        except Exception:  # it reached inside a sealed leaf (or fails anyway: the full trace says how)
-            graph = None
-        if graph is None or tracer.auto_leaves:  # (a module traced through that reached inside one)
-            tracer, graph = ProvenanceTracer(policy, auto_leaf=auto_leaf), None
-        else:
-            sealed._modules = dict(module._modules)  # the GraphModule takes the real submodules
-    if graph is None:
-        graph = tracer.trace(_shallow_copy(module), concrete_args=concrete_args)
+    traced = None
+    if sealed_leaves and max_depth is not None and max_depth >= 1:
+        traced = _trace_sealed(module, policy, auto_leaf, max_depth, concrete_args)
+    if traced is None:
+        tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
+        traced = tracer, tracer.trace(_shallow_copy(module), concrete_args=concrete_args)
+    tracer, graph = traced
     if concrete_args:
         _drop_concrete_guards(graph)
     # Lazy: its Python code is generated on first use (a call, .code, print), not here: most traces are
@@ -269,6 +264,24 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
         if key.startswith("_") and isinstance(value, (dict, set)):
             root.__dict__[key] = type(value)(value)
     return root
+
+
+def _trace_sealed(module: nn.Module, policy: LeafPolicy, auto_leaf: bool, max_depth: int,
+                  concrete_args: dict[str, Any] | None) -> tuple[ProvenanceTracer, fx.Graph] | None:
+    """The trace of :func:`_sealed_copy` of ``module`` (its root holding the real submodules again),
+    or None where the full trace must be made instead (see :func:`trace`)."""
+    sealed = _sealed_copy(module, max_depth)
+    if sealed is None:
+        return None
+    tracer = ProvenanceTracer(policy, auto_leaf=auto_leaf)
+    try:
+        graph = tracer.trace(sealed, concrete_args=concrete_args)
+    except Exception:  # it reached inside a sealed leaf (or fails anyway: the full trace says how)
+        return None
+    if tracer.auto_leaves:  # a module traced through reached inside one
+        return None
+    sealed._modules = dict(module._modules)  # the GraphModule takes the real submodules
+    return tracer, graph
 
 
 def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module | None:
@@ -302,20 +315,17 @@ def _sealed_copy(module: nn.Module, max_depth: int) -> nn.Module | None:
 def _seen_below(shown: list[nn.Module], sealed: list[nn.Module]) -> bool:
     """Whether a module below the ``sealed`` ones, or a parameter or buffer of one, is one of the
     ``shown`` modules or one of their own parameters or buffers."""
-    modules: set[int] = set()
-    tensors: set[int] = set()
-    stack = [child for m in sealed for child in m._modules.values() if child is not None]
-    while stack:
-        m = stack.pop()
-        if id(m) not in modules:
-            modules.add(id(m))
-            tensors.update(map(id, m._parameters.values()))
-            tensors.update(map(id, m._buffers.values()))
-            stack.extend(child for child in m._modules.values() if child is not None)
-    tensors.discard(id(None))
-    if not modules.isdisjoint(map(id, shown)):
+    below = {id(m): m for s in sealed for m in walk_modules(s)[1:]}
+    if not below.keys().isdisjoint(map(id, shown)):
         return True
-    return any(not tensors.isdisjoint(map(id, (*m._parameters.values(), *m._buffers.values()))) for m in shown)
+    return not _tensor_ids(below.values()).isdisjoint(_tensor_ids(shown))
+
+
+def _tensor_ids(modules) -> set[int]:
+    """The ids of the modules' own parameters and buffers."""
+    ids = {id(t) for m in modules for t in (*m._parameters.values(), *m._buffers.values())}
+    ids.discard(id(None))
+    return ids
 
 
 def _drop_concrete_guards(graph: fx.Graph) -> None:

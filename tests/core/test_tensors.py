@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxrewrite.tensors import named_tensors, walk_modules
+from fxrewrite.tensors import buffers_of, named_tensors, parameter_count, walk_modules
 from helpers.any_models import IMAGE_MODELS, build
 
 
@@ -51,15 +51,11 @@ def test_a_yolo_model():
 def test_walk_modules_is_torchs_walk_counting_a_shared_module_once(make):
     model = make()
     assert [id(m) for m in walk_modules(model)] == [id(m) for m in model.modules()]
-    from fxrewrite.shapes import _buffers_of
-
-    assert [id(b) for b in _buffers_of(model)] == [id(b) for b in model.buffers()]
+    assert [id(b) for b in buffers_of(model)] == [id(b) for b in model.buffers()]
 
 
 @pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
 def test_parameter_count_is_torchs_counting_a_shared_parameter_once(make):
-    from fxrewrite.tensors import parameter_count
-
     model = make()
     assert parameter_count(model) == sum(p.numel() for p in model.parameters()) > 0
 
@@ -69,8 +65,6 @@ def test_walks_stay_linear_when_modules_are_shared_in_a_chain():
     chain = nn.Linear(2, 2)
     for _ in range(20):
         chain = nn.Sequential(chain, chain)
-    from fxrewrite.shapes import _buffers_of
-    from fxrewrite.tensors import parameter_count
 
     assert len(walk_modules(chain)) == len(list(chain.modules())) == 21
-    assert parameter_count(chain) == 6 and _buffers_of(chain) == []
+    assert parameter_count(chain) == 6 and buffers_of(chain) == []
